@@ -1,0 +1,1 @@
+"""ORBION shared kernel: the contracts and plumbing every service imports."""

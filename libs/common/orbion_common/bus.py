@@ -1,0 +1,388 @@
+"""The event bus: NATS JetStream publishing and durable pull consumers.
+
+Owns the delivery policy every service shares, stated here once:
+
+- ``publish`` waits for JetStream's ack; ``Nats-Msg-Id`` (the event id unless told otherwise)
+  lets JetStream drop duplicates inside its window; W3C trace context rides in the headers.
+- A consumer acks a message only after its handler returned. A handler that raises gets the
+  message nakked with a growing delay (``ConsumerSpec.nak_delays``); on the last allowed delivery
+  the message is republished to ``orbion.dlq.<durable>`` with the error, then termed.
+  Bytes that are not an event are dead-lettered at once: retrying cannot fix them.
+- Within a fetched batch, events of one ``stream_id`` run one after the other, in order; other
+  streams run concurrently. If one fails, the later events of its stream in that batch are
+  nakked too, so that order is kept on redelivery.
+- After a NATS restart (or a stream/consumer lost with it) the consumer re-provisions the
+  stream and its durable and binds again: nats-py resubscribes the inbox on reconnect, but a
+  pull subscription bound to a consumer that no longer exists fetches nothing for ever.
+
+Handlers own idempotency (see ``eventstore.EventStore.claim``); the bus only promises
+at-least-once delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
+from prometheus_client import Counter, Histogram
+
+from .events import Envelope, Event, UndecodableEvent, decode, encode
+from .settings import CommonSettings
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("orbion.bus")
+
+EVENTS_SUBJECT_PREFIX = "orbion.events"
+DLQ_SUBJECT_PREFIX = "orbion.dlq"
+PARTITIONS = 16
+
+PUBLISHED = Counter("orbion_bus_published_total", "Events published to JetStream", ["type"])
+DUPLICATES = Counter("orbion_bus_duplicates_total", "Publishes JetStream dropped as duplicates", ["type"])
+HANDLED = Counter(
+    "orbion_bus_handled_total", "Messages handled by consumers, by outcome", ["consumer", "outcome"]
+)
+DEAD_LETTERS = Counter("orbion_bus_dead_letters_total", "Messages sent to a dead-letter subject", ["consumer"])
+HANDLER_SECONDS = Histogram(
+    "orbion_bus_handler_duration_seconds",
+    "Time spent in a consumer's handler",
+    ["consumer"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PUBLISH_SECONDS = Histogram(
+    "orbion_bus_publish_duration_seconds",
+    "Time from publish to JetStream ack",
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
+
+class BusUnavailable(RuntimeError):
+    """NATS or JetStream did not acknowledge in time; nothing can be promised about the publish."""
+
+
+def partition_of(stream_id: str) -> int:
+    return zlib.crc32(stream_id.encode()) % PARTITIONS
+
+
+def subject_for(event: Envelope) -> str:
+    """``orbion.events.<Type>.<partition>``: the partition token lets consumers split by contact."""
+    return f"{EVENTS_SUBJECT_PREFIX}.{event.type}.{partition_of(event.stream_id)}"
+
+
+def dlq_subject(durable: str) -> str:
+    return f"{DLQ_SUBJECT_PREFIX}.{durable}"
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer and its delivery policy."""
+
+    durable: str
+    event_types: tuple[str, ...]
+    max_deliver: int = 5
+    ack_wait_seconds: float = 30.0
+    nak_delays: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0)
+    batch_size: int = 64
+    deliver_new_only: bool = False
+    fetch_timeout_seconds: float = 1.0
+
+    def nak_delay(self, num_delivered: int) -> float:
+        index = min(num_delivered - 1, len(self.nak_delays) - 1)
+        return self.nak_delays[max(index, 0)]
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW if self.deliver_new_only else DeliverPolicy.ALL,
+            # Our own count decides dead-lettering; the server's limit is one higher so that the
+            # last delivery reaches the handler and can be dead-lettered with its error.
+            max_deliver=self.max_deliver + 1,
+            ack_wait=self.ack_wait_seconds,
+            max_ack_pending=max(self.batch_size * 4, 256),
+            filter_subjects=[f"{EVENTS_SUBJECT_PREFIX}.{t}.*" for t in self.event_types],
+        )
+
+
+@dataclass
+class Delivery:
+    """What a handler may know about the message it handles, beyond the event."""
+
+    num_delivered: int
+    subject: str
+    headers: dict[str, str]
+    _msg: Msg = field(repr=False)
+
+    async def in_progress(self) -> None:
+        """Tell JetStream the handler is still working, resetting the ack deadline."""
+        await self._msg.in_progress()
+
+
+Handler = Callable[[Event, Delivery], Awaitable[None]]
+
+
+class Bus:
+    """A connection to NATS with the ORBION streams provisioned."""
+
+    def __init__(self, nc: NatsClient, settings: CommonSettings, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=5.0)
+        self.settings = settings
+        self.name = name
+        self.publish_timeout = 5.0
+        self._consumers: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, settings: CommonSettings, *, name: str) -> Bus:
+        """Connect (reconnecting for ever after a loss) and provision the streams."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected")
+
+        nc = await nats.connect(
+            settings.nats_url,
+            name=f"orbion-{name}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=3,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        bus = cls(nc, settings, name)
+        await bus.provision()
+        return bus
+
+    async def provision(self) -> None:
+        """Create or update the event stream and the dead-letter stream (idempotent)."""
+        s = self.settings
+        await self._ensure_stream(
+            StreamConfig(
+                name=s.stream_name,
+                subjects=[f"{EVENTS_SUBJECT_PREFIX}.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_age=s.stream_max_age_days * 86400.0,
+                duplicate_window=float(s.duplicate_window_seconds),
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=f"{s.stream_name}_DLQ",
+                subjects=[f"{DLQ_SUBJECT_PREFIX}.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=30 * 86400.0,
+            )
+        )
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        assert config.name is not None
+        try:
+            await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await self.js.add_stream(config)
+                return
+        await self.js.update_stream(config)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(self, event: Envelope, *, msg_id: str | None = None) -> bool:
+        """Publish and wait for JetStream's ack; False when it was a duplicate.
+
+        Raises :class:`BusUnavailable` when NATS is unreachable or does not ack in time.
+        """
+        if not self.nc.is_connected:
+            raise BusUnavailable("not connected to NATS")
+        headers = {"Nats-Msg-Id": msg_id or event.event_id, "Orbion-Type": event.type}
+        with tracer.start_as_current_span(
+            f"publish {event.type}",
+            kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": "nats", "orbion.event_type": event.type},
+        ):
+            propagate.inject(headers)
+            with PUBLISH_SECONDS.time():
+                try:
+                    ack = await self.js.publish(
+                        subject_for(event), encode(event), timeout=self.publish_timeout, headers=headers
+                    )
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                    raise BusUnavailable(f"publish of {event.type} not acknowledged: {exc!r}") from exc
+        if ack.duplicate:
+            DUPLICATES.labels(event.type).inc()
+            return False
+        PUBLISHED.labels(event.type).inc()
+        return True
+
+    async def publish_all(
+        self, events: Sequence[Envelope], msg_ids: Sequence[str] | None = None
+    ) -> list[bool]:
+        """Publish concurrently; returns when every event is acked (raises if any is not)."""
+        ids: Sequence[str | None] = msg_ids if msg_ids is not None else [None] * len(events)
+        return list(await asyncio.gather(*(self.publish(e, msg_id=i) for e, i in zip(events, ids, strict=True))))
+
+    async def publish_dead_letter(self, durable: str, data: bytes, error: str, **extra: str) -> None:
+        """Keep bytes nobody could handle, with the reason, for an operator to inspect."""
+        headers = {"Orbion-Error": error[:1000], **{f"Orbion-{k}": v for k, v in extra.items()}}
+        await self.js.publish(dlq_subject(durable), data, timeout=self.publish_timeout, headers=headers)
+        DEAD_LETTERS.labels(durable).inc()
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def consume(self, spec: ConsumerSpec, handler: Handler) -> None:
+        """Start a background task that feeds ``handler`` from the durable consumer ``spec``."""
+        task = asyncio.create_task(self._consume_forever(spec, handler), name=f"consumer:{spec.durable}")
+        self._consumers.append(task)
+
+    async def _bind(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
+        await self.provision()
+        await self.js.add_consumer(self.settings.stream_name, spec.consumer_config())
+        return await self.js.pull_subscribe_bind(durable=spec.durable, stream=self.settings.stream_name)
+
+    async def _consume_forever(self, spec: ConsumerSpec, handler: Handler) -> None:
+        sub: JetStreamContext.PullSubscription | None = None
+        idle_fetches = 0
+        while not self._stopping.is_set():
+            try:
+                if sub is None:
+                    sub = await self._bind(spec)
+                    idle_fetches = 0
+                try:
+                    msgs = await sub.fetch(spec.batch_size, timeout=spec.fetch_timeout_seconds)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    idle_fetches += 1
+                    # A consumer lost with a server restart fetches nothing and says nothing:
+                    # check now and then that it still exists.
+                    if idle_fetches % 15 == 0:
+                        await self.js.consumer_info(self.settings.stream_name, spec.durable)
+                    continue
+                idle_fetches = 0
+                await self._handle_batch(spec, handler, msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("consumer %s lost its subscription (%r); binding again", spec.durable, exc)
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                sub = None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _handle_batch(self, spec: ConsumerSpec, handler: Handler, msgs: list[Msg]) -> None:
+        by_stream: dict[str, list[tuple[Event, Msg]]] = {}
+        for msg in msgs:
+            try:
+                event = decode(msg.data)
+            except UndecodableEvent as exc:
+                await self._dead_letter(spec, msg, f"undecodable: {exc}")
+                continue
+            by_stream.setdefault(event.stream_id, []).append((event, msg))
+        await asyncio.gather(*(self._handle_in_order(spec, handler, items) for items in by_stream.values()))
+
+    async def _handle_in_order(
+        self, spec: ConsumerSpec, handler: Handler, items: list[tuple[Event, Msg]]
+    ) -> None:
+        for index, (event, msg) in enumerate(items):
+            if not await self._handle_one(spec, handler, event, msg):
+                for _, later in items[index + 1 :]:
+                    await later.nak(delay=spec.nak_delay(1))
+                    HANDLED.labels(spec.durable, "nak").inc()
+                return
+
+    async def _handle_one(self, spec: ConsumerSpec, handler: Handler, event: Event, msg: Msg) -> bool:
+        headers = dict(msg.headers or {})
+        num_delivered = msg.metadata.num_delivered
+        delivery = Delivery(num_delivered=num_delivered, subject=msg.subject, headers=headers, _msg=msg)
+        with tracer.start_as_current_span(
+            f"process {event.type}",
+            context=propagate.extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.consumer": spec.durable, "orbion.event_type": event.type},
+        ) as span, HANDLER_SECONDS.labels(spec.durable).time():
+            try:
+                await handler(event, delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                if num_delivered >= spec.max_deliver:
+                    log.error(
+                        "consumer %s gives up on %s %s after %d deliveries: %r",
+                        spec.durable, event.type, event.event_id, num_delivered, exc,
+                    )
+                    await self._dead_letter(spec, msg, repr(exc))
+                else:
+                    log.warning(
+                        "consumer %s failed on %s %s (delivery %d): %r",
+                        spec.durable, event.type, event.event_id, num_delivered, exc,
+                    )
+                    await msg.nak(delay=spec.nak_delay(num_delivered))
+                    HANDLED.labels(spec.durable, "nak").inc()
+                return False
+        await msg.ack()
+        HANDLED.labels(spec.durable, "ack").inc()
+        return True
+
+    async def _dead_letter(self, spec: ConsumerSpec, msg: Msg, error: str) -> None:
+        # Publish before term: if the publish fails, the message is redelivered, not lost.
+        await self.publish_dead_letter(spec.durable, msg.data, error, Subject=msg.subject)
+        await msg.term()
+        HANDLED.labels(spec.durable, "dead").inc()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def check(self) -> str:
+        """Readiness: connected and the event stream exists. Returns the server's address."""
+        if not self.nc.is_connected:
+            raise BusUnavailable("not connected to NATS")
+        info = await self.js.stream_info(self.settings.stream_name)
+        return f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'} ({info.state.messages} msgs)"
+
+    async def consumer_lag(self) -> dict[str, Any]:
+        """Pending messages per durable consumer of the event stream."""
+        infos = await self.js.consumers_info(self.settings.stream_name)
+        return {i.name: {"pending": i.num_pending, "ack_pending": i.num_ack_pending} for i in infos}
+
+    async def close(self) -> None:
+        """Stop fetching, let in-flight batches finish (their acks included), then drain."""
+        self._stopping.set()
+        if self._consumers:
+            await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._consumers.clear()
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()

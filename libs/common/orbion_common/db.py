@@ -1,0 +1,25 @@
+"""The asyncpg pool of a service. One pool per process; its search_path is the service's schema."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from .settings import CommonSettings
+
+
+def schema_of(service: str) -> str:
+    """The Postgres schema a service owns: ``llm-proxy`` -> ``llm_proxy``."""
+    return service.replace("-", "_")
+
+
+async def create_pool(settings: CommonSettings, *, service: str) -> asyncpg.Pool:
+    """A pool sized by ``ORBION_DB_POOL_MIN/MAX`` whose connections resolve names in the service's schema."""
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        command_timeout=30,
+        server_settings={"search_path": f"{schema_of(service)},public", "application_name": f"orbion-{service}"},
+    )
+    assert pool is not None
+    return pool

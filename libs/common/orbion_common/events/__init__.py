@@ -1,0 +1,157 @@
+"""The contract between services: every event type used anywhere is declared in this package.
+
+``encode`` and ``decode`` turn events into JSON bytes and back; ``decode`` picks the class
+from the ``type`` field. To add an event: declare it in the module of its domain, then add
+it to ``EVENT_TYPES`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeAlias, TypeVar, Union
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from .envelope import Envelope, Payload, new_event_id, stable_event_id, utcnow
+from .lead import (
+    BantStageAdvanced,
+    ContactBlocked,
+    ContactFlaggedAsBot,
+    HumanVerificationFailed,
+    HumanVerificationPassed,
+    HumanVerificationRequested,
+    LeadChanged,
+    LeadCreated,
+    LeadFieldsCaptured,
+    LeadHandedOff,
+    LeadOptedIn,
+    LeadOptedOut,
+    LeadQualified,
+)
+from .messaging import (
+    MessageReceived,
+    MessageSent,
+    MessageStatusChanged,
+    ReplyGenerated,
+    ReplyRequested,
+    SendFailed,
+)
+from .operations import BreakerStateChanged, LeadExported
+
+EVENT_TYPES: tuple[type[Envelope], ...] = (
+    MessageReceived,
+    MessageStatusChanged,
+    ReplyRequested,
+    ReplyGenerated,
+    MessageSent,
+    SendFailed,
+    LeadCreated,
+    LeadFieldsCaptured,
+    BantStageAdvanced,
+    LeadQualified,
+    LeadHandedOff,
+    LeadOptedOut,
+    LeadOptedIn,
+    ContactFlaggedAsBot,
+    HumanVerificationRequested,
+    HumanVerificationPassed,
+    HumanVerificationFailed,
+    ContactBlocked,
+    LeadChanged,
+    BreakerStateChanged,
+    LeadExported,
+)
+
+Event: TypeAlias = Annotated[
+    Union[
+        MessageReceived,
+        MessageStatusChanged,
+        ReplyRequested,
+        ReplyGenerated,
+        MessageSent,
+        SendFailed,
+        LeadCreated,
+        LeadFieldsCaptured,
+        BantStageAdvanced,
+        LeadQualified,
+        LeadHandedOff,
+        LeadOptedOut,
+        LeadOptedIn,
+        ContactFlaggedAsBot,
+        HumanVerificationRequested,
+        HumanVerificationPassed,
+        HumanVerificationFailed,
+        ContactBlocked,
+        LeadChanged,
+        BreakerStateChanged,
+        LeadExported,
+    ],
+    Field(discriminator="type"),
+]
+
+EVENTS_BY_NAME: dict[str, type[Envelope]] = {cls.__name__: cls for cls in EVENT_TYPES}
+
+_event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+E = TypeVar("E", bound=Envelope)
+
+
+class UndecodableEvent(ValueError):
+    """Bytes that are not a known, valid event. Never retried: dead-lettered as they are."""
+
+
+def encode(event: Envelope) -> bytes:
+    """The event as compact JSON bytes."""
+    return event.__pydantic_serializer__.to_json(event)
+
+
+def decode(data: bytes | str) -> Event:
+    """Parse JSON bytes into the event class named by its ``type``; raises :class:`UndecodableEvent`."""
+    try:
+        return _event_adapter.validate_json(data)
+    except ValidationError as exc:
+        raise UndecodableEvent(str(exc)) from exc
+
+
+def decode_as(data: bytes | str, cls: type[E]) -> E:
+    """Parse bytes that must be an event of type ``cls``."""
+    event = decode(data)
+    if not isinstance(event, cls):
+        raise UndecodableEvent(f"expected {cls.__name__}, got {event.type}")
+    return event
+
+
+__all__ = [
+    "EVENTS_BY_NAME",
+    "EVENT_TYPES",
+    "BantStageAdvanced",
+    "BreakerStateChanged",
+    "ContactBlocked",
+    "ContactFlaggedAsBot",
+    "Envelope",
+    "Event",
+    "HumanVerificationFailed",
+    "HumanVerificationPassed",
+    "HumanVerificationRequested",
+    "LeadChanged",
+    "LeadCreated",
+    "LeadExported",
+    "LeadFieldsCaptured",
+    "LeadHandedOff",
+    "LeadOptedIn",
+    "LeadOptedOut",
+    "LeadQualified",
+    "MessageReceived",
+    "MessageSent",
+    "MessageStatusChanged",
+    "Payload",
+    "ReplyGenerated",
+    "ReplyRequested",
+    "SendFailed",
+    "UndecodableEvent",
+    "decode",
+    "decode_as",
+    "encode",
+    "new_event_id",
+    "stable_event_id",
+    "utcnow",
+]

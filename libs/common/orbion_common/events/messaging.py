@@ -1,0 +1,207 @@
+"""Events about WhatsApp messages: what came in, what went out, and their delivery status.
+
+Published by the gateway (inbound, statuses), the conversation service (reply requests)
+and the llm-proxy (replies generated, sent, failed). ``stream_id`` is the contact's phone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from .envelope import Envelope, Payload
+
+
+class Provider(StrEnum):
+    CLOUD_API = "cloud_api"
+    EVOLUTION = "evolution"
+
+
+class MessageKind(StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+    VIDEO = "video"
+    DOCUMENT = "document"
+    STICKER = "sticker"
+    LOCATION = "location"
+    CONTACTS = "contacts"
+    INTERACTIVE = "interactive"
+    BUTTON = "button"
+    REACTION = "reaction"
+    UNSUPPORTED = "unsupported"
+
+
+class Media(Payload):
+    media_id: str = ""
+    mime_type: str = ""
+    caption: str = ""
+    filename: str = ""
+    url: str = ""
+
+
+class Location(Payload):
+    latitude: float
+    longitude: float
+    name: str = ""
+    address: str = ""
+
+
+class MessageReceivedPayload(Payload):
+    provider: Provider
+    provider_message_id: str
+    phone: str
+    business_number_id: str = ""
+    profile_name: str = ""
+    kind: MessageKind
+    text: str = ""
+    media: Media | None = None
+    location: Location | None = None
+    contacts: list[dict[str, object]] = Field(default_factory=list)
+    reply_id: str = ""
+    reply_title: str = ""
+    reaction_emoji: str = ""
+    context_message_id: str = ""
+    sent_at: datetime
+    throttled: bool = False
+    from_me: bool = False
+    raw_type: str = ""
+
+
+class MessageReceived(Envelope):
+    """A contact (or, with ``from_me``, our own number elsewhere) wrote to the business."""
+
+    type: Literal["MessageReceived"] = "MessageReceived"
+    payload: MessageReceivedPayload
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    FAILED = "failed"
+
+
+class ProviderError(Payload):
+    code: int | None = None
+    title: str = ""
+    detail: str = ""
+
+
+class MessageStatusChangedPayload(Payload):
+    provider: Provider
+    provider_message_id: str
+    phone: str
+    status: DeliveryStatus
+    changed_at: datetime
+    errors: list[ProviderError] = Field(default_factory=list)
+
+
+class MessageStatusChanged(Envelope):
+    type: Literal["MessageStatusChanged"] = "MessageStatusChanged"
+    payload: MessageStatusChangedPayload
+
+
+class HistoryLine(Payload):
+    direction: Literal["in", "out"]
+    text: str
+    at: datetime
+
+
+class ReplyRequestedPayload(Payload):
+    reply_key: str
+    phone: str
+    inbound_message_ids: list[str]
+    reply_to_message_id: str = ""
+    text: str
+    history: list[HistoryLine] = Field(default_factory=list)
+    profile_name: str = ""
+    lead_stage: str = ""
+    language: str = ""
+    quiet_period_ms: int = 0
+
+
+class ReplyRequested(Envelope):
+    """The agent should answer these inbound messages; ``reply_key`` makes the answer happen once."""
+
+    type: Literal["ReplyRequested"] = "ReplyRequested"
+    payload: ReplyRequestedPayload
+
+
+class LeadFacts(Payload):
+    """Structured facts the LLM extracted alongside a reply."""
+
+    need: str = ""
+    budget: str = ""
+    authority: str = ""
+    timing: str = ""
+    company: str = ""
+    sector: str = ""
+    name: str = ""
+    stage_hint: str = ""
+    language: str = ""
+    intent: str = ""
+
+
+class TokenUsage(Payload):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ReplySource(StrEnum):
+    LLM = "llm"
+    CACHE = "cache"
+    FALLBACK = "fallback"
+
+
+class ReplyGeneratedPayload(Payload):
+    reply_key: str
+    phone: str
+    text: str
+    reply_to_message_id: str = ""
+    facts: LeadFacts = Field(default_factory=LeadFacts)
+    model: str = ""
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    latency_ms: float = 0.0
+    source: ReplySource = ReplySource.LLM
+    prompt_version: str = ""
+
+
+class ReplyGenerated(Envelope):
+    type: Literal["ReplyGenerated"] = "ReplyGenerated"
+    payload: ReplyGeneratedPayload
+
+
+class MessageSentPayload(Payload):
+    reply_key: str
+    phone: str
+    provider_message_id: str
+    text: str
+    part: int = 1
+    parts: int = 1
+    via: str = ""
+    reply_to_message_id: str = ""
+
+
+class MessageSent(Envelope):
+    """A reply (or one part of a long one) was accepted by WhatsApp or written to the outbox."""
+
+    type: Literal["MessageSent"] = "MessageSent"
+    payload: MessageSentPayload
+
+
+class SendFailedPayload(Payload):
+    reply_key: str
+    phone: str
+    reason: str
+    code: int | None = None
+    retryable: bool = False
+
+
+class SendFailed(Envelope):
+    type: Literal["SendFailed"] = "SendFailed"
+    payload: SendFailedPayload

@@ -1,0 +1,184 @@
+"""The event store: an append-only log of one service's events in that service's schema.
+
+Every method takes the connection first so that the caller owns the transaction: appending
+events, updating projections, marking the input as processed and moving a checkpoint commit
+together or not at all.
+
+- Streams: one per aggregate (a contact's phone). ``version`` counts events in a stream;
+  ``UNIQUE (stream_id, version)`` gives optimistic concurrency.
+- Event ids are unique for ever: appending an event that is already stored is a no-op.
+- ``position`` orders the whole log. Positions are allocated before commit, so a reader that
+  simply follows ``position`` could pass a gap that a slower transaction fills later. Followers
+  use :meth:`EventStore.read_after`, which reads in ``(tx_id, position)`` order and only below the
+  oldest transaction still running: that part of the log can no longer change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import asyncpg
+
+from .events import Envelope, Event, decode, encode
+
+
+class ConcurrencyError(RuntimeError):
+    """The stream moved on since the caller read it: reload and decide again."""
+
+
+class Cursor(NamedTuple):
+    """A follower's place in the log: after this transaction id and position."""
+
+    tx_id: int
+    position: int
+
+
+START = Cursor(0, 0)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    position: int
+    version: int
+    event: Event
+    tx_id: int = 0
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.tx_id, self.position)
+
+
+def _stored(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(
+        position=row["position"], version=row["version"], event=decode(row["body"]), tx_id=int(row["tx_id"])
+    )
+
+
+class EventStore:
+    """SQL for the event-store tables of one schema (see ``migrations/000_event_store.sql``)."""
+
+    def __init__(self, schema: str) -> None:
+        if not schema.isidentifier():
+            raise ValueError(f"not a valid schema name: {schema!r}")
+        self.schema = schema
+        s = f'"{schema}"'
+        self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.events WHERE stream_id = $1"
+        self._sql_existing = f"SELECT event_id FROM {s}.events WHERE event_id = ANY($1::text[])"
+        self._sql_insert = f"""
+            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body)
+            SELECT e.event_id, $1, e.version, e.type, e.occurred_at, e.body::jsonb
+            FROM unnest($2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
+                 AS e(event_id, version, type, occurred_at, body)
+            ORDER BY e.version
+            RETURNING position, version, tx_id::text::bigint AS tx_id, body::text AS body"""
+        self._sql_stream = (
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
+            f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
+        )
+        self._sql_all = (
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body FROM {s}.events "
+            f"WHERE position > $1 AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+            f"ORDER BY position LIMIT $2"
+        )
+        self._sql_after = (
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body FROM {s}.events "
+            f"WHERE (tx_id, position) > ($1::text::xid8, $2) "
+            f"AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+            f"ORDER BY tx_id, position LIMIT $3"
+        )
+        self._sql_claim = (
+            f"INSERT INTO {s}.processed (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        )
+        self._sql_checkpoint = f"SELECT tx_id::text::bigint AS tx_id, position FROM {s}.checkpoints WHERE name = $1"
+        self._sql_save_checkpoint = (
+            f"INSERT INTO {s}.checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) "
+            f"ON CONFLICT (name) DO UPDATE SET tx_id = excluded.tx_id, position = excluded.position, "
+            f"updated_at = now()"
+        )
+
+    async def append(
+        self,
+        conn: asyncpg.Connection,
+        stream_id: str,
+        events: Sequence[Envelope],
+        *,
+        expected_version: int | None = None,
+    ) -> list[StoredEvent]:
+        """Append ``events`` to ``stream_id`` in order; returns the ones newly stored.
+
+        Events already stored (same ``event_id``) are skipped. With ``expected_version``, raises
+        :class:`ConcurrencyError` unless the stream is at exactly that version; without it, a
+        concurrent append to the same stream also surfaces as :class:`ConcurrencyError`.
+        """
+        if any(e.stream_id != stream_id for e in events):
+            raise ValueError("every event must belong to the stream it is appended to")
+        current = await conn.fetchval(self._sql_version, stream_id)
+        if expected_version is not None and current != expected_version:
+            raise ConcurrencyError(
+                f"stream {stream_id} is at version {current}, expected {expected_version}"
+            )
+        ids = [e.event_id for e in events]
+        existing = {r["event_id"] for r in await conn.fetch(self._sql_existing, ids)} if ids else set()
+        fresh = [e for e in events if e.event_id not in existing]
+        if not fresh:
+            return []
+        try:
+            # A savepoint, so that losing a race leaves the caller's transaction usable.
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    self._sql_insert,
+                    stream_id,
+                    [e.event_id for e in fresh],
+                    list(range(current + 1, current + 1 + len(fresh))),
+                    [e.type for e in fresh],
+                    [e.occurred_at for e in fresh],
+                    [encode(e).decode() for e in fresh],
+                )
+        except asyncpg.UniqueViolationError as exc:
+            raise ConcurrencyError(f"concurrent append to stream {stream_id}: {exc.detail}") from exc
+        return [_stored(r) for r in rows]
+
+    async def stream_version(self, conn: asyncpg.Connection, stream_id: str) -> int:
+        version: int = await conn.fetchval(self._sql_version, stream_id)
+        return version
+
+    async def load_stream(
+        self, conn: asyncpg.Connection, stream_id: str, *, after_version: int = 0
+    ) -> list[StoredEvent]:
+        """The events of one stream, oldest first."""
+        return [_stored(r) for r in await conn.fetch(self._sql_stream, stream_id, after_version)]
+
+    async def read_all(
+        self, conn: asyncpg.Connection, *, after_position: int = 0, limit: int = 500
+    ) -> list[StoredEvent]:
+        """Committed events in position order, for replays and rebuilds that read the whole log."""
+        return [_stored(r) for r in await conn.fetch(self._sql_all, after_position, limit)]
+
+    async def read_after(self, conn: asyncpg.Connection, cursor: Cursor, *, limit: int = 500) -> list[StoredEvent]:
+        """Events after ``cursor`` that no running transaction can still precede, in log order.
+
+        Following the log with this never skips an event, however late its transaction commits.
+        """
+        rows = await conn.fetch(self._sql_after, str(cursor.tx_id), cursor.position, limit)
+        return [_stored(r) for r in rows]
+
+    async def claim(self, conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
+        """Mark ``event_id`` as handled by ``consumer``; False if it already was (a redelivery)."""
+        status: str = await conn.execute(self._sql_claim, consumer, event_id)
+        return status.endswith(" 1")
+
+    async def cursor(self, conn: asyncpg.Connection, name: str) -> Cursor:
+        row = await conn.fetchrow(self._sql_checkpoint, name)
+        return Cursor(row["tx_id"], row["position"]) if row else START
+
+    async def save_cursor(self, conn: asyncpg.Connection, name: str, cursor: Cursor) -> None:
+        await conn.execute(self._sql_save_checkpoint, name, str(cursor.tx_id), cursor.position)
+
+    async def checkpoint(self, conn: asyncpg.Connection, name: str) -> int:
+        """The position a position-ordered follower named ``name`` has reached (0 at first)."""
+        return (await self.cursor(conn, name)).position
+
+    async def save_checkpoint(self, conn: asyncpg.Connection, name: str, position: int) -> None:
+        await self.save_cursor(conn, name, Cursor(0, position))

@@ -1,0 +1,134 @@
+"""The bus against a real NATS JetStream; each test has its own stream and consumers."""
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
+from orbion_common.events import MessageReceived
+from orbion_common.events.messaging import MessageReceivedPayload
+from orbion_common.settings import CommonSettings
+
+
+def inbound(phone: str, n: int) -> MessageReceived:
+    return MessageReceived.create(
+        phone,
+        MessageReceivedPayload(
+            provider="cloud_api",
+            provider_message_id=f"wamid.{n}",
+            phone=phone,
+            kind="text",
+            text=f"message {n}",
+            sent_at=datetime.now(UTC),
+        ),
+    )
+
+
+@pytest.fixture
+async def bus(nats_url, unique):
+    settings = CommonSettings(nats_url=nats_url, stream_name=f"T{unique}".upper())
+    bus = await Bus.connect(settings, name="test")
+    yield bus
+    await bus.close()
+    cleanup = await Bus.connect(settings, name="cleanup")
+    for name in (settings.stream_name, f"{settings.stream_name}_DLQ"):
+        await cleanup.js.delete_stream(name)
+    await cleanup.close()
+
+
+async def wait_for(predicate, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def stream_count(bus: Bus, name: str) -> int:
+    return (await bus.js.stream_info(name)).state.messages
+
+
+async def test_a_duplicate_msg_id_is_stored_once(bus):
+    event = inbound("5511", 1)
+    assert await bus.publish(event, msg_id="wamid.1") is True
+    assert await bus.publish(inbound("5511", 1), msg_id="wamid.1") is False
+    assert await stream_count(bus, bus.settings.stream_name) == 1
+
+
+async def test_provisioning_twice_changes_nothing(bus):
+    await bus.publish(inbound("5511", 1))
+    await bus.provision()
+    assert await stream_count(bus, bus.settings.stream_name) == 1
+
+
+async def test_a_failing_handler_gets_the_event_again_and_it_is_acked_once_handled(bus, unique):
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def flaky(event, delivery):
+        attempts.append(delivery.num_delivered)
+        if len(attempts) < 3:
+            raise RuntimeError("database hiccup")
+        done.set()
+
+    bus.consume(ConsumerSpec(durable=f"flaky{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), flaky)
+    await bus.publish(inbound("5511", 1))
+    await asyncio.wait_for(done.wait(), 5)
+    assert attempts == [1, 2, 3]
+    await wait_for(lambda: True)
+    await asyncio.sleep(0.3)
+    info = await bus.js.consumer_info(bus.settings.stream_name, f"flaky{unique}")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_after_max_deliveries_the_event_is_dead_lettered_with_its_error(bus, unique):
+    durable = f"poison{unique}"
+
+    async def broken(event, delivery):
+        raise ValueError("cannot handle this one")
+
+    bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",), max_deliver=3, nak_delays=(0.05,)), broken)
+    event = inbound("5511", 1)
+    await bus.publish(event)
+    dlq = f"{bus.settings.stream_name}_DLQ"
+    deadline = asyncio.get_running_loop().time() + 5
+    while await stream_count(bus, dlq) < 1:
+        assert asyncio.get_running_loop().time() < deadline, "nothing dead-lettered"
+        await asyncio.sleep(0.05)
+    msg = await bus.js.get_last_msg(dlq, dlq_subject(durable))
+    assert msg.data == (await bus.js.get_last_msg(bus.settings.stream_name, f"orbion.events.MessageReceived.>")).data
+    assert "cannot handle this one" in msg.headers["Orbion-Error"]
+
+
+async def test_bytes_that_are_not_an_event_are_dead_lettered_at_once(bus, unique):
+    durable = f"junk{unique}"
+    handled = []
+
+    async def handler(event, delivery):
+        handled.append(event)
+
+    bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",)), handler)
+    await bus.js.publish("orbion.events.MessageReceived.3", b"{not json", stream=bus.settings.stream_name)
+    await bus.publish(inbound("5511", 2))
+    await wait_for(lambda: len(handled) == 1)
+    dlq = f"{bus.settings.stream_name}_DLQ"
+    await asyncio.sleep(0.2)
+    assert await stream_count(bus, dlq) == 1
+
+
+async def test_events_of_one_contact_are_handled_in_order_even_when_one_fails_once(bus, unique):
+    seen: list[int] = []
+    failed = set()
+
+    async def handler(event, delivery):
+        n = int(event.payload.text.split()[-1])
+        if n == 2 and n not in failed:
+            failed.add(n)
+            raise RuntimeError("transient")
+        seen.append(n)
+
+    await bus.publish_all([inbound("5511", n) for n in range(1, 6)])
+    bus.consume(ConsumerSpec(durable=f"order{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), handler)
+    await wait_for(lambda: len(seen) == 5)
+    assert seen == [1, 2, 3, 4, 5]

@@ -1,0 +1,70 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from orbion_common.events import (
+    EVENT_TYPES,
+    MessageReceived,
+    ReplyRequested,
+    UndecodableEvent,
+    decode,
+    decode_as,
+    encode,
+    stable_event_id,
+)
+from orbion_common.events.messaging import MessageReceivedPayload, ReplyRequestedPayload
+
+
+def inbound(text: str = "Olá, quanto custa?") -> MessageReceived:
+    return MessageReceived.create(
+        "5511999990000",
+        MessageReceivedPayload(
+            provider="cloud_api",
+            provider_message_id="wamid.1",
+            phone="5511999990000",
+            kind="text",
+            text=text,
+            sent_at=datetime.now(UTC),
+        ),
+    )
+
+
+def test_an_event_survives_the_round_trip_with_its_type():
+    event = inbound()
+    decoded = decode(encode(event))
+    assert isinstance(decoded, MessageReceived)
+    assert decoded == event
+
+
+def test_caused_events_share_the_correlation_id_and_name_their_cause():
+    first = inbound()
+    reply = ReplyRequested.create(
+        first.stream_id,
+        ReplyRequestedPayload(reply_key="k", phone=first.stream_id, inbound_message_ids=["wamid.1"], text="x"),
+        cause=first,
+    )
+    assert reply.correlation_id == first.event_id
+    assert reply.causation_id == first.event_id
+
+
+def test_every_declared_event_type_is_decodable_by_name():
+    names = {cls.__name__ for cls in EVENT_TYPES}
+    assert len(names) == len(EVENT_TYPES)
+    for cls in EVENT_TYPES:
+        assert cls.model_fields["type"].default == cls.__name__
+
+
+@pytest.mark.parametrize("data", [b"", b"{}", b"not json", b'{"type":"Nope","stream_id":"1","payload":{}}'])
+def test_bytes_that_are_not_an_event_are_refused_clearly(data):
+    with pytest.raises(UndecodableEvent):
+        decode(data)
+
+
+def test_decode_as_refuses_another_type():
+    with pytest.raises(UndecodableEvent):
+        decode_as(encode(inbound()), ReplyRequested)
+
+
+def test_stable_ids_repeat_for_the_same_fact_only():
+    assert stable_event_id("cloud_api", "wamid.1") == stable_event_id("cloud_api", "wamid.1")
+    assert stable_event_id("cloud_api", "wamid.1") != stable_event_id("cloud_api", "wamid.2")

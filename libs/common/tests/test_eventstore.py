@@ -1,0 +1,127 @@
+"""The event store against a real PostgreSQL, each test in its own schema."""
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from orbion_common.events import MessageReceived
+from orbion_common.events.messaging import MessageReceivedPayload
+from orbion_common.eventstore import START, ConcurrencyError, EventStore
+from orbion_common.migrations import migrate
+
+
+def inbound(phone: str, n: int) -> MessageReceived:
+    return MessageReceived.create(
+        phone,
+        MessageReceivedPayload(
+            provider="cloud_api",
+            provider_message_id=f"wamid.{n}",
+            phone=phone,
+            kind="text",
+            text=f"message {n}",
+            sent_at=datetime.now(UTC),
+        ),
+    )
+
+
+@pytest.fixture
+async def store(database_url, fresh_schema):
+    conn = await asyncpg.connect(database_url)
+    await migrate(conn, fresh_schema)
+    yield EventStore(fresh_schema), conn
+    await conn.close()
+
+
+async def test_migrations_apply_once(database_url, fresh_schema):
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await migrate(conn, fresh_schema) == ["000_event_store.sql"]
+        assert await migrate(conn, fresh_schema) == []
+    finally:
+        await conn.close()
+
+
+async def test_appended_events_are_numbered_per_stream_and_read_back_in_order(store):
+    es, conn = store
+    stored = await es.append(conn, "551100", [inbound("551100", 1), inbound("551100", 2)])
+    await es.append(conn, "551177", [inbound("551177", 3)])
+    assert [s.version for s in stored] == [1, 2]
+    assert [s.event.payload.text for s in await es.load_stream(conn, "551100")] == ["message 1", "message 2"]
+    assert await es.stream_version(conn, "551177") == 1
+
+
+async def test_appending_at_a_stale_version_is_a_conflict(store):
+    es, conn = store
+    await es.append(conn, "551100", [inbound("551100", 1)], expected_version=0)
+    with pytest.raises(ConcurrencyError, match="expected 0"):
+        await es.append(conn, "551100", [inbound("551100", 2)], expected_version=0)
+    assert await es.stream_version(conn, "551100") == 1
+
+
+async def test_concurrent_appends_to_one_stream_let_exactly_one_win(store, database_url):
+    es, _ = store
+    conns = [await asyncpg.connect(database_url) for _ in range(2)]
+    try:
+        trs = [c.transaction() for c in conns]
+        for t in trs:
+            await t.start()
+        await es.append(conns[0], "551100", [inbound("551100", 1)], expected_version=0)
+        loser = asyncio.create_task(es.append(conns[1], "551100", [inbound("551100", 2)], expected_version=0))
+        await trs[0].commit()
+        with pytest.raises(ConcurrencyError):
+            await loser
+        await trs[1].rollback()
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_appending_an_event_twice_stores_it_once(store):
+    es, conn = store
+    event = inbound("551100", 1)
+    assert len(await es.append(conn, "551100", [event])) == 1
+    assert await es.append(conn, "551100", [event]) == []
+    assert len(await es.load_stream(conn, "551100")) == 1
+
+
+async def test_a_follower_never_skips_an_event_that_commits_late(store, database_url):
+    es, conn = store
+    slow = await asyncpg.connect(database_url)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        await es.append(slow, "551100", [inbound("551100", 1)])  # takes the lower position
+        await es.append(conn, "551177", [inbound("551177", 2)])  # commits first
+        seen = await es.read_after(conn, START)
+        assert seen == []  # the later position waits for the earlier transaction to finish
+        await tx.commit()
+        seen = await es.read_after(conn, START)
+        assert sorted(s.event.payload.text for s in seen) == ["message 1", "message 2"]
+        assert await es.read_after(conn, seen[-1].cursor) == []
+    finally:
+        await slow.close()
+
+
+async def test_a_claim_and_a_projection_commit_together_or_not_at_all(store):
+    es, conn = store
+    await conn.execute(f'CREATE TABLE "{es.schema}".counter (n int)')
+    await conn.execute(f'INSERT INTO "{es.schema}".counter VALUES (0)')
+
+    async def handle(crash: bool) -> None:
+        async with conn.transaction():
+            if await es.claim(conn, "projector", "event-1"):
+                await conn.execute(f'UPDATE "{es.schema}".counter SET n = n + 1')
+                await es.save_checkpoint(conn, "projector", 1)
+                if crash:
+                    raise RuntimeError("crash before commit")
+
+    with pytest.raises(RuntimeError):
+        await handle(crash=True)
+    assert await conn.fetchval(f'SELECT n FROM "{es.schema}".counter') == 0
+    assert await es.checkpoint(conn, "projector") == 0
+    await handle(crash=False)  # the redelivery does the work
+    await handle(crash=False)  # a duplicate does nothing
+    assert await conn.fetchval(f'SELECT n FROM "{es.schema}".counter') == 1
+    assert await es.checkpoint(conn, "projector") == 1

@@ -1,0 +1,74 @@
+"""The relay publishes stored events exactly as the store holds them, once, even after a crash."""
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from orbion_common.bus import Bus
+from orbion_common.events import MessageReceived
+from orbion_common.events.messaging import MessageReceivedPayload
+from orbion_common.eventstore import START, EventStore
+from orbion_common.migrations import migrate
+from orbion_common.relay import Relay
+from orbion_common.settings import CommonSettings
+
+
+def inbound(phone: str, n: int) -> MessageReceived:
+    return MessageReceived.create(
+        phone,
+        MessageReceivedPayload(
+            provider="cloud_api", provider_message_id=f"wamid.{n}", phone=phone, kind="text",
+            text=f"message {n}", sent_at=datetime.now(UTC),
+        ),
+    )
+
+
+@pytest.fixture
+async def parts(nats_url, database_url, fresh_schema, unique):
+    settings = CommonSettings(nats_url=nats_url, database_url=database_url, stream_name=f"R{unique}".upper())
+    bus = await Bus.connect(settings, name="relay-test")
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    await migrate(pool, fresh_schema)
+    yield pool, EventStore(fresh_schema), bus
+    await pool.close()
+    for name in (settings.stream_name, f"{settings.stream_name}_DLQ"):
+        await bus.js.delete_stream(name)
+    await bus.close()
+
+
+async def test_committed_events_are_published_once_even_when_the_cursor_write_is_lost(parts):
+    pool, store, bus = parts
+    async with pool.acquire() as conn:
+        await store.append(conn, "5511", [inbound("5511", 1), inbound("5511", 2)])
+    relay = Relay(pool, store, bus)
+    assert await relay.publish_pending() == 2
+    # A crash after the publish but before the cursor commit: publish the same batch again.
+    async with pool.acquire() as conn:
+        await store.save_cursor(conn, relay.name, START)
+    assert await relay.publish_pending() == 2
+    info = await bus.js.stream_info(bus.settings.stream_name)
+    assert info.state.messages == 2  # JetStream dropped the repeats (Nats-Msg-Id = event id)
+    assert await relay.publish_pending() == 0
+
+
+async def test_a_running_relay_publishes_soon_after_a_commit_and_only_one_replica_leads(parts):
+    pool, store, bus = parts
+    relays = [Relay(pool, store, bus, poll_seconds=0.05) for _ in range(2)]
+    tasks = [asyncio.create_task(r.run()) for r in relays]
+    try:
+        async with pool.acquire() as conn:
+            await store.append(conn, "5511", [inbound("5511", 1)])
+        relays[0].wake()
+        relays[1].wake()
+        for _ in range(100):
+            if (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1
+        assert sum(r.leader for r in relays) == 1
+    finally:
+        for r in relays:
+            await r.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
