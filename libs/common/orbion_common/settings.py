@@ -42,6 +42,7 @@ class CommonSettings(BaseSettings):
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Keys accepted in `X-API-Key` on `/api` routes (JSON list)."
     )
+    redis_key_prefix: str = Field("orbion:", description="Prefix of every Redis key ORBION writes.")
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Structured JSON logs; false for plain text.")
     otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint, e.g. the monitor's /v1/traces.")
