@@ -68,3 +68,11 @@ def test_decode_as_refuses_another_type():
 def test_stable_ids_repeat_for_the_same_fact_only():
     assert stable_event_id("cloud_api", "wamid.1") == stable_event_id("cloud_api", "wamid.1")
     assert stable_event_id("cloud_api", "wamid.1") != stable_event_id("cloud_api", "wamid.2")
+
+
+def test_every_event_type_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "events.md").read_text()
+    undocumented = [cls.__name__ for cls in EVENT_TYPES if cls.__name__.removeprefix("HumanVerification") not in doc]
+    assert undocumented == []
