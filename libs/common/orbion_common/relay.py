@@ -1,0 +1,108 @@
+"""The relay: publishes what a service appended to its event store, so handlers never dual-write.
+
+A handler appends the events it decides in its own transaction; the relay follows the log
+(:meth:`EventStore.read_after`), publishes each event with ``Nats-Msg-Id`` = its event id, and
+moves its cursor only after JetStream acked. A crash between the publish and the cursor write
+publishes again on restart: JetStream drops the repeat inside its duplicate window, and
+consumers dedupe on the event id beyond it.
+
+Only one relay per schema publishes at a time (a Postgres advisory lock held on a dedicated
+connection): replicas stand by and take over when the holder's connection dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+from prometheus_client import Counter, Gauge
+
+from .bus import Bus, BusUnavailable
+from .eventstore import EventStore
+
+log = logging.getLogger(__name__)
+
+RELAYED = Counter("orbion_relay_published_total", "Events published by a relay", ["schema"])
+RELAY_LAG = Gauge("orbion_relay_lag_events", "Events read but not yet published by a relay", ["schema"])
+
+
+class Relay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: EventStore,
+        bus: Bus,
+        *,
+        name: str = "relay",
+        batch_size: int = 500,
+        poll_seconds: float = 0.2,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.bus = bus
+        self.name = name
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.leader = False
+
+    def wake(self) -> None:
+        """Publish now rather than at the next poll (call after committing appended events)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish for as long as the service runs; survives Postgres and NATS outages."""
+        while not self._stopping.is_set():
+            try:
+                async with self.pool.acquire() as lock_conn:
+                    if not await self._lead(lock_conn):
+                        await self._sleep(1.0)
+                        continue
+                    self.leader = True
+                    try:
+                        while not self._stopping.is_set():
+                            published = await self.publish_pending()
+                            if published < self.batch_size:
+                                await self._sleep(self.poll_seconds)
+                    finally:
+                        self.leader = False
+                        await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", self._lock_key)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, BusUnavailable) as exc:
+                log.warning("relay %s.%s paused: %r", self.store.schema, self.name, exc)
+                await self._sleep(0.5)
+
+    @property
+    def _lock_key(self) -> str:
+        return f"orbion-relay:{self.store.schema}:{self.name}"
+
+    async def _lead(self, conn: asyncpg.Connection) -> bool:
+        locked: bool = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key)
+        return locked
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of unpublished events; returns how many."""
+        async with self.pool.acquire() as conn:
+            cursor = await self.store.cursor(conn, self.name)
+            batch = await self.store.read_after(conn, cursor, limit=self.batch_size)
+            if not batch:
+                RELAY_LAG.labels(self.store.schema).set(0)
+                return 0
+            RELAY_LAG.labels(self.store.schema).set(len(batch))
+            await self.bus.publish_all([s.event for s in batch])
+            await self.store.save_cursor(conn, self.name, batch[-1].cursor)
+        RELAYED.labels(self.store.schema).inc(len(batch))
+        return len(batch)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self._wake.clear()
