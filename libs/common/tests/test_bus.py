@@ -132,3 +132,23 @@ async def test_events_of_one_contact_are_handled_in_order_even_when_one_fails_on
     bus.consume(ConsumerSpec(durable=f"order{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), handler)
     await wait_for(lambda: len(seen) == 5)
     assert seen == [1, 2, 3, 4, 5]
+
+
+async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving(bus, unique):
+    durable = f"lost{unique}"
+    received: list[str] = []
+
+    async def handler(event, delivery):
+        received.append(event.payload.text)
+
+    spec = ConsumerSpec(durable=durable, event_types=("MessageReceived",), fetch_timeout_seconds=0.2)
+    bus.consume(spec, handler)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: received == ["message 1"])
+    # What a NATS restart without its store (or an operator's mistake) leaves behind.
+    await bus.js.delete_consumer(bus.settings.stream_name, durable)
+    await bus.publish(inbound("5511", 2))
+    # The new durable starts from the beginning of the stream: message 1 comes again (handlers
+    # are idempotent), and message 2 is not lost.
+    await wait_for(lambda: "message 2" in received, timeout=15)
+    assert received[0] == "message 1"

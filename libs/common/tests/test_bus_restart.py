@@ -1,0 +1,60 @@
+"""The bus survives a NATS server restart: consumers bind again and publishing resumes by itself."""
+
+import asyncio
+from datetime import UTC, datetime
+
+from orbion_common.bus import Bus, BusUnavailable, ConsumerSpec
+from orbion_common.events import MessageReceived
+from orbion_common.events.messaging import MessageReceivedPayload
+from orbion_common.settings import CommonSettings
+
+
+def inbound(n: int) -> MessageReceived:
+    return MessageReceived.create(
+        "5511",
+        MessageReceivedPayload(
+            provider="cloud_api", provider_message_id=f"wamid.{n}", phone="5511", kind="text",
+            text=f"message {n}", sent_at=datetime.now(UTC),
+        ),
+    )
+
+
+async def publish_until_acked(bus: Bus, event: MessageReceived, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await bus.publish(event)
+            return
+        except BusUnavailable:
+            assert asyncio.get_running_loop().time() < deadline, "publishing never resumed"
+            await asyncio.sleep(0.2)
+
+
+async def test_a_consumer_keeps_receiving_after_the_nats_server_restarts(local_infra, unique):
+    settings = CommonSettings(nats_url=local_infra.url("nats"), stream_name=f"RS{unique}".upper())
+    bus = await Bus.connect(settings, name="restart-test")
+    received: list[str] = []
+
+    async def handler(event, delivery):
+        received.append(event.payload.text)
+
+    try:
+        bus.consume(ConsumerSpec(durable=f"r{unique}", event_types=("MessageReceived",)), handler)
+        await bus.publish(inbound(1))
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert received == ["message 1"]
+
+        await local_infra.arestart_server("nats")
+        await publish_until_acked(bus, inbound(2))
+        for _ in range(300):
+            if len(received) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert received == ["message 1", "message 2"]
+    finally:
+        await bus.js.delete_stream(settings.stream_name)
+        await bus.js.delete_stream(f"{settings.stream_name}_DLQ")
+        await bus.close()
