@@ -193,6 +193,7 @@ class Bus:
                 discard=DiscardPolicy.OLD,
                 max_age=s.stream_max_age_days * 86400.0,
                 duplicate_window=float(s.duplicate_window_seconds),
+                num_replicas=s.stream_replicas,
             )
         )
         await self._ensure_stream(
@@ -202,6 +203,7 @@ class Bus:
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 max_age=30 * 86400.0,
+                num_replicas=s.stream_replicas,
             )
         )
 

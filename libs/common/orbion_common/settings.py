@@ -47,6 +47,7 @@ class CommonSettings(BaseSettings):
     log_json: bool = Field(True, description="Structured JSON logs; false for plain text.")
     otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint, e.g. the monitor's /v1/traces.")
     stream_name: str = Field("ORBION", description="JetStream stream that carries the events.")
+    stream_replicas: int = Field(1, description="JetStream replicas of the ORBION streams (3 on a 3-node cluster).")
     stream_max_age_days: int = Field(7, description="How long JetStream keeps events.")
     duplicate_window_seconds: int = Field(
         120, description="JetStream dedupe window for `Nats-Msg-Id` (the event stores dedupe for ever)."
