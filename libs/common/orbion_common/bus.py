@@ -4,6 +4,8 @@ Owns the delivery policy every service shares, stated here once:
 
 - ``publish`` waits for JetStream's ack; ``Nats-Msg-Id`` (the event id unless told otherwise)
   lets JetStream drop duplicates inside its window; W3C trace context rides in the headers.
+  Subjects: ``<root>.events.<Type>.<partition>`` and ``<root>.dlq.<durable>``, where ``root`` is
+  the stream name lowercased (``orbion`` by default).
 - A consumer acks a message only after its handler returned. A handler that raises gets the
   message nakked with a growing delay (``ConsumerSpec.nak_delays``); on the last allowed delivery
   the message is republished to ``orbion.dlq.<durable>`` with the error, then termed.
@@ -54,8 +56,6 @@ from .settings import CommonSettings
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("orbion.bus")
 
-EVENTS_SUBJECT_PREFIX = "orbion.events"
-DLQ_SUBJECT_PREFIX = "orbion.dlq"
 PARTITIONS = 16
 
 PUBLISHED = Counter("orbion_bus_published_total", "Events published to JetStream", ["type"])
@@ -85,13 +85,19 @@ def partition_of(stream_id: str) -> int:
     return zlib.crc32(stream_id.encode()) % PARTITIONS
 
 
-def subject_for(event: Envelope) -> str:
-    """``orbion.events.<Type>.<partition>``: the partition token lets consumers split by contact."""
-    return f"{EVENTS_SUBJECT_PREFIX}.{event.type}.{partition_of(event.stream_id)}"
+def subject_root(stream_name: str) -> str:
+    """Subjects are rooted at the stream's name, lowercased (``ORBION`` -> ``orbion``), so that
+    two systems (a test's, a benchmark's) can share one NATS server without overlapping."""
+    return stream_name.lower()
 
 
-def dlq_subject(durable: str) -> str:
-    return f"{DLQ_SUBJECT_PREFIX}.{durable}"
+def subject_for(event: Envelope, root: str = "orbion") -> str:
+    """``<root>.events.<Type>.<partition>``: the partition token lets consumers split by contact."""
+    return f"{root}.events.{event.type}.{partition_of(event.stream_id)}"
+
+
+def dlq_subject(durable: str, root: str = "orbion") -> str:
+    return f"{root}.dlq.{durable}"
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class ConsumerSpec:
         index = min(num_delivered - 1, len(self.nak_delays) - 1)
         return self.nak_delays[max(index, 0)]
 
-    def consumer_config(self) -> ConsumerConfig:
+    def consumer_config(self, root: str = "orbion") -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -121,7 +127,7 @@ class ConsumerSpec:
             max_deliver=self.max_deliver + 1,
             ack_wait=self.ack_wait_seconds,
             max_ack_pending=max(self.batch_size * 4, 256),
-            filter_subjects=[f"{EVENTS_SUBJECT_PREFIX}.{t}.*" for t in self.event_types],
+            filter_subjects=[f"{root}.events.{t}.*" for t in self.event_types],
         )
 
 
@@ -150,6 +156,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=5.0)
         self.settings = settings
         self.name = name
+        self.root = subject_root(settings.stream_name)
         self.publish_timeout = 5.0
         self._consumers: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -187,7 +194,7 @@ class Bus:
         await self._ensure_stream(
             StreamConfig(
                 name=s.stream_name,
-                subjects=[f"{EVENTS_SUBJECT_PREFIX}.>"],
+                subjects=[f"{self.root}.events.>"],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 discard=DiscardPolicy.OLD,
@@ -199,7 +206,7 @@ class Bus:
         await self._ensure_stream(
             StreamConfig(
                 name=f"{s.stream_name}_DLQ",
-                subjects=[f"{DLQ_SUBJECT_PREFIX}.>"],
+                subjects=[f"{self.root}.dlq.>"],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 max_age=30 * 86400.0,
@@ -236,7 +243,7 @@ class Bus:
             with PUBLISH_SECONDS.time():
                 try:
                     ack = await self.js.publish(
-                        subject_for(event), encode(event), timeout=self.publish_timeout, headers=headers
+                        subject_for(event, self.root), encode(event), timeout=self.publish_timeout, headers=headers
                     )
                 except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                     raise BusUnavailable(f"publish of {event.type} not acknowledged: {exc!r}") from exc
@@ -256,7 +263,7 @@ class Bus:
     async def publish_dead_letter(self, durable: str, data: bytes, error: str, **extra: str) -> None:
         """Keep bytes nobody could handle, with the reason, for an operator to inspect."""
         headers = {"Orbion-Error": error[:1000], **{f"Orbion-{k}": v for k, v in extra.items()}}
-        await self.js.publish(dlq_subject(durable), data, timeout=self.publish_timeout, headers=headers)
+        await self.js.publish(dlq_subject(durable, self.root), data, timeout=self.publish_timeout, headers=headers)
         DEAD_LETTERS.labels(durable).inc()
 
     # -- consuming --------------------------------------------------------------------------
@@ -268,7 +275,7 @@ class Bus:
 
     async def _bind(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
         await self.provision()
-        await self.js.add_consumer(self.settings.stream_name, spec.consumer_config())
+        await self.js.add_consumer(self.settings.stream_name, spec.consumer_config(self.root))
         return await self.js.pull_subscribe_bind(durable=spec.durable, stream=self.settings.stream_name)
 
     async def _consume_forever(self, spec: ConsumerSpec, handler: Handler) -> None:

@@ -96,8 +96,8 @@ async def test_after_max_deliveries_the_event_is_dead_lettered_with_its_error(bu
     while await stream_count(bus, dlq) < 1:
         assert asyncio.get_running_loop().time() < deadline, "nothing dead-lettered"
         await asyncio.sleep(0.05)
-    msg = await bus.js.get_last_msg(dlq, dlq_subject(durable))
-    assert msg.data == (await bus.js.get_last_msg(bus.settings.stream_name, f"orbion.events.MessageReceived.>")).data
+    msg = await bus.js.get_last_msg(dlq, dlq_subject(durable, bus.root))
+    assert msg.data == (await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.MessageReceived.>")).data
     assert "cannot handle this one" in msg.headers["Orbion-Error"]
 
 
@@ -109,7 +109,7 @@ async def test_bytes_that_are_not_an_event_are_dead_lettered_at_once(bus, unique
         handled.append(event)
 
     bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",)), handler)
-    await bus.js.publish("orbion.events.MessageReceived.3", b"{not json", stream=bus.settings.stream_name)
+    await bus.js.publish(f"{bus.root}.events.MessageReceived.3", b"{not json", stream=bus.settings.stream_name)
     await bus.publish(inbound("5511", 2))
     await wait_for(lambda: len(handled) == 1)
     dlq = f"{bus.settings.stream_name}_DLQ"
@@ -152,3 +152,16 @@ async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving
     # are idempotent), and message 2 is not lost.
     await wait_for(lambda: "message 2" in received, timeout=15)
     assert received[0] == "message 1"
+
+
+async def test_two_systems_on_one_server_do_not_see_each_others_events(bus, nats_url, unique):
+    other = await Bus.connect(CommonSettings(nats_url=nats_url, stream_name=f"O{unique}".upper()), name="other")
+    try:
+        await bus.publish(inbound("5511", 1))
+        await other.publish(inbound("5511", 2))
+        assert await stream_count(bus, bus.settings.stream_name) == 1
+        assert await stream_count(other, other.settings.stream_name) == 1
+    finally:
+        for name in (other.settings.stream_name, f"{other.settings.stream_name}_DLQ"):
+            await other.js.delete_stream(name)
+        await other.close()
