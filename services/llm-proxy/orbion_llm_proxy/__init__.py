@@ -1,0 +1,1 @@
+"""ORBION llm-proxy: the only service that talks to OpenAI, the WhatsApp send API and Google Sheets."""

@@ -1,0 +1,272 @@
+"""All of the llm-proxy's SQL (asyncpg), besides the event store itself (orbion_common.eventstore).
+
+Functions take the connection first so the caller owns the transaction. Tables are in
+``migrations/001_replies.sql``: ``replies`` (one row per reply_key: text and send progress),
+``outbox`` (the local "WhatsApp" without a provider), ``sheet_exports`` / ``sheet_exported``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+SCHEMA = "llm_proxy"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
+
+
+@dataclass(frozen=True)
+class ReplyRow:
+    reply_key: str
+    seq: int
+    phone: str
+    kind: str
+    text: str
+    parts: list[str]
+    reply_to_message_id: str
+    source: str
+    correlation_id: str
+    causation_id: str
+    state: str
+    parts_sent: int
+    provider_message_ids: list[str]
+    via: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> ReplyRow:
+        data = dict(row)
+        data.pop("updated_at", None)
+        data["parts"] = list(data["parts"])
+        data["provider_message_ids"] = list(data["provider_message_ids"])
+        return cls(**data)
+
+
+async def get_reply(conn: asyncpg.Connection, reply_key: str) -> ReplyRow | None:
+    row = await conn.fetchrow("SELECT * FROM replies WHERE reply_key = $1", reply_key)
+    return ReplyRow.of(row) if row else None
+
+
+async def insert_reply(
+    conn: asyncpg.Connection,
+    *,
+    reply_key: str,
+    phone: str,
+    kind: str,
+    text: str,
+    parts: Sequence[str],
+    reply_to_message_id: str,
+    source: str,
+    correlation_id: str,
+    causation_id: str,
+) -> bool:
+    """Store a reply to send; False when ``reply_key`` is already stored (nothing changes)."""
+    seq = await conn.fetchval(
+        """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
+                                correlation_id, causation_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+           ON CONFLICT (reply_key) DO NOTHING RETURNING seq""",
+        reply_key,
+        phone,
+        kind,
+        text,
+        list(parts),
+        reply_to_message_id,
+        source,
+        correlation_id,
+        causation_id,
+    )
+    return seq is not None
+
+
+async def due_heads(conn: asyncpg.Connection, limit: int) -> list[ReplyRow]:
+    """The oldest unsent reply of each contact, when it is due (later ones wait behind it: order)."""
+    rows = await conn.fetch(
+        """SELECT * FROM (
+               SELECT DISTINCT ON (phone) * FROM replies
+               WHERE state IN ('pending', 'sending') ORDER BY phone, seq
+           ) heads
+           WHERE next_attempt_at <= now() ORDER BY seq LIMIT $1""",
+        limit,
+    )
+    return [ReplyRow.of(r) for r in rows]
+
+
+async def head_of(conn: asyncpg.Connection, phone: str) -> ReplyRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM replies WHERE phone = $1 AND state IN ('pending', 'sending') ORDER BY seq LIMIT 1",
+        phone,
+    )
+    return ReplyRow.of(row) if row else None
+
+
+async def in_doubt(conn: asyncpg.Connection) -> list[ReplyRow]:
+    """Replies left in ``sending`` by a process that stopped during the HTTP call."""
+    rows = await conn.fetch("SELECT * FROM replies WHERE state = 'sending' ORDER BY seq")
+    return [ReplyRow.of(r) for r in rows]
+
+
+async def mark_sending(conn: asyncpg.Connection, reply_key: str) -> None:
+    await conn.execute(
+        "UPDATE replies SET state = 'sending', updated_at = now() WHERE reply_key = $1", reply_key
+    )
+
+
+async def record_part_sent(
+    conn: asyncpg.Connection, reply_key: str, provider_message_id: str, via: str, *, last: bool
+) -> None:
+    await conn.execute(
+        """UPDATE replies SET parts_sent = parts_sent + 1,
+                  provider_message_ids = array_append(provider_message_ids, $2),
+                  via = $3, state = $4, last_error = '', updated_at = now()
+           WHERE reply_key = $1""",
+        reply_key,
+        provider_message_id,
+        via,
+        SENT if last else PENDING,
+    )
+
+
+async def reschedule(
+    conn: asyncpg.Connection, reply_key: str, delay_seconds: float, error: str, *, count_attempt: bool
+) -> None:
+    await conn.execute(
+        """UPDATE replies SET state = 'pending', attempts = attempts + $4::int,
+                  next_attempt_at = now() + make_interval(secs => $2), last_error = $3, updated_at = now()
+           WHERE reply_key = $1""",
+        reply_key,
+        delay_seconds,
+        error[:500],
+        1 if count_attempt else 0,
+    )
+
+
+async def mark_failed(conn: asyncpg.Connection, reply_key: str, error: str) -> None:
+    await conn.execute(
+        """UPDATE replies SET state = 'failed', attempts = attempts + 1, last_error = $2, updated_at = now()
+           WHERE reply_key = $1""",
+        reply_key,
+        error[:500],
+    )
+
+
+async def reply_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    rows = await conn.fetch("SELECT state, count(*) AS n FROM replies GROUP BY state")
+    return {r["state"]: int(r["n"]) for r in rows}
+
+
+# -- outbox ----------------------------------------------------------------------------------
+
+
+async def insert_outbox(
+    conn: asyncpg.Connection,
+    *,
+    provider_message_id: str,
+    reply_key: str,
+    part: int,
+    phone: str,
+    text: str,
+    reply_to_message_id: str,
+) -> None:
+    await conn.execute(
+        """INSERT INTO outbox (provider_message_id, reply_key, part, phone, text, reply_to_message_id)
+           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING""",
+        provider_message_id,
+        reply_key,
+        part,
+        phone,
+        text,
+        reply_to_message_id,
+    )
+
+
+async def list_outbox(conn: asyncpg.Connection, *, phone: str | None, limit: int) -> list[dict[str, Any]]:
+    if phone:
+        rows = await conn.fetch(
+            "SELECT * FROM outbox WHERE phone = $1 ORDER BY created_at DESC, part DESC LIMIT $2", phone, limit
+        )
+    else:
+        rows = await conn.fetch("SELECT * FROM outbox ORDER BY created_at DESC, part DESC LIMIT $1", limit)
+    return [dict(r) for r in rows]
+
+
+# -- Sheets export queue ---------------------------------------------------------------------
+
+
+async def queue_export(
+    conn: asyncpg.Connection,
+    *,
+    phone: str,
+    lead_version: int,
+    snapshot: dict[str, Any],
+    correlation_id: str,
+    causation_id: str,
+) -> bool:
+    """Queue the lead's latest snapshot; an older version than queued or written changes nothing."""
+    status: str = await conn.execute(
+        """INSERT INTO sheet_exports (phone, lead_version, snapshot, correlation_id, causation_id)
+           SELECT $1, $2, $3::jsonb, $4, $5
+           WHERE NOT EXISTS (SELECT 1 FROM sheet_exported WHERE phone = $1 AND lead_version >= $2)
+           ON CONFLICT (phone) DO UPDATE
+               SET lead_version = excluded.lead_version, snapshot = excluded.snapshot,
+                   correlation_id = excluded.correlation_id, causation_id = excluded.causation_id,
+                   queued_at = now()
+               WHERE sheet_exports.lead_version < excluded.lead_version""",
+        phone,
+        lead_version,
+        json.dumps(snapshot),
+        correlation_id,
+        causation_id,
+    )
+    return status.endswith(" 1")
+
+
+async def take_exports(conn: asyncpg.Connection, limit: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT phone, lead_version, snapshot::text AS snapshot, correlation_id, causation_id "
+        "FROM sheet_exports ORDER BY queued_at LIMIT $1",
+        limit,
+    )
+    return [{**dict(r), "snapshot": json.loads(r["snapshot"])} for r in rows]
+
+
+async def exports_done(conn: asyncpg.Connection, done: Sequence[tuple[str, int]]) -> None:
+    """Dequeue what was written (unless a newer version was queued meanwhile) and remember it."""
+    phones = [p for p, _ in done]
+    versions = [v for _, v in done]
+    await conn.execute(
+        """DELETE FROM sheet_exports e USING unnest($1::text[], $2::int[]) AS d(phone, v)
+           WHERE e.phone = d.phone AND e.lead_version <= d.v""",
+        phones,
+        versions,
+    )
+    await conn.execute(
+        """INSERT INTO sheet_exported (phone, lead_version)
+           SELECT * FROM unnest($1::text[], $2::int[])
+           ON CONFLICT (phone) DO UPDATE SET lead_version = GREATEST(sheet_exported.lead_version,
+                                                                     excluded.lead_version),
+                                             exported_at = now()""",
+        phones,
+        versions,
+    )
+
+
+async def export_attempt_failed(conn: asyncpg.Connection, phones: Sequence[str]) -> None:
+    await conn.execute(
+        "UPDATE sheet_exports SET attempts = attempts + 1 WHERE phone = ANY($1::text[])", list(phones)
+    )
+
+
+async def pending_exports(conn: asyncpg.Connection) -> int:
+    n: int = await conn.fetchval("SELECT count(*) FROM sheet_exports")
+    return n

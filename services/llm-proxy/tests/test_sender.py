@@ -1,0 +1,235 @@
+"""Sending through the fake WhatsApp Cloud API (and Evolution): threading, splitting, rate-limit
+backoff, terminal errors, an outage behind the breaker, and the crash window."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+from orbion_common.events import MessageSent, SendFailed
+from orbion_llm_proxy import store
+from orbion_llm_proxy.bootstrap import build_deps
+from orbion_llm_proxy.deps import Deps
+
+from tests.fakes.evolution import FakeEvolution
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.whatsapp import FakeWhatsApp
+
+from .conftest import make_settings
+from .helpers import new_phone, reply_requested
+
+
+def _cloud(urls: dict[str, str], tag: str, base_url: str, **kw: Any) -> Any:
+    return make_settings(
+        urls, tag, whatsapp_token="test-token", whatsapp_api_base_url=base_url,
+        whatsapp_phone_number_id="1234567890", **kw,
+    )  # fmt: skip
+
+
+async def _events(deps: Deps, phone: str) -> list[Any]:
+    async with deps.pool.acquire() as conn:
+        return [s.event for s in await deps.events.load_stream(conn, phone)]
+
+
+async def _settle(deps: Deps, rounds: int = 60) -> None:
+    """Drive the sender until no reply is pending (bounded)."""
+    for _ in range(rounds):
+        await deps.sender.drain()
+        async with deps.pool.acquire() as conn:
+            counts = await store.reply_counts(conn)
+        if not counts.get("pending") and not counts.get("sending"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"replies still pending: {counts}")
+
+
+async def test_reply_is_sent_in_thread_with_provider_id(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        phone = new_phone()
+        req = reply_requested(phone)
+        await deps.handlers.answer_reply_request(req)
+        await _settle(deps)
+        # A redelivery of the request after the send changes nothing.
+        await deps.handlers.answer_reply_request(req)
+        await _settle(deps)
+    [record] = fake.sent
+    assert record["to"] == phone and record["context_message_id"] == req.payload.reply_to_message_id
+    [sent] = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    assert sent.payload.via == "cloud_api" and sent.payload.provider_message_id == record["id"]
+
+
+async def test_pair_rate_limit_backs_off_then_succeeds(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        fake.script_errors(131056, 130429)
+        phone = new_phone()
+        await deps.handlers.answer_reply_request(reply_requested(phone))
+        await _settle(deps)
+    assert [r["code"] for r in fake.rejected] == [131056, 130429]
+    assert len(fake.sent) == 1
+    assert deps.breakers["whatsapp"].state == "closed"  # rate limits are not an outage
+    assert [e.type for e in await _events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
+
+
+async def test_outside_24h_window_fails_without_retry(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        fake.script_errors(131047)
+        phone = new_phone()
+        await deps.handlers.answer_reply_request(reply_requested(phone))
+        await _settle(deps)
+        await asyncio.sleep(0.1)
+        await deps.sender.drain()
+    assert [r["code"] for r in fake.rejected] == [131047] and fake.sent == []
+    events = await _events(deps, phone)
+    assert [e.type for e in events] == ["ReplyGenerated", "SendFailed"]
+    failed = events[1]
+    assert isinstance(failed, SendFailed)
+    assert failed.payload.reason == "outside_window" and failed.payload.code == 131047
+    assert failed.payload.retryable is False
+
+
+async def test_long_reply_is_split_into_ordered_parts(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    long_text = "Esta é uma resposta bem detalhada sobre o nosso produto. " * 160  # ~9100 chars
+    openai, whatsapp = FakeOpenAI(reply_text=long_text), FakeWhatsApp()
+    async with openai as openai_url, whatsapp as wa_url:
+        settings = _cloud(urls, tag, wa_url, openai_api_key="sk-test", openai_base_url=openai_url)
+        deps = build_deps(settings, pool, schema=schema)
+        phone = new_phone()
+        req = reply_requested(phone, "me explica tudo")
+        await deps.handlers.answer_reply_request(req)
+        await _settle(deps)
+    texts = [r["text"] for r in whatsapp.sent]
+    assert len(texts) == 3 and all(len(t) <= 4096 for t in texts)
+    assert " ".join(texts) == long_text.strip()
+    assert [r["context_message_id"] for r in whatsapp.sent] == [req.payload.reply_to_message_id, "", ""]
+    sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    assert [(e.payload.part, e.payload.parts) for e in sent] == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_outage_keeps_replies_pending_then_delivers_each_once_in_order(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url, whatsapp_breaker_fail_max=3), pool, schema=schema)
+        fake.fail_status = 500
+        phones = [new_phone() for _ in range(3)]
+        keys: dict[str, list[str]] = {p: [] for p in phones}
+        for i in range(3):
+            for phone in phones:
+                req = reply_requested(phone, f"mensagem {i}")
+                keys[phone].append(req.payload.reply_key)
+                await deps.handlers.answer_reply_request(req)
+        worker = asyncio.create_task(deps.sender.run())
+        try:
+            for _ in range(100):
+                if deps.breakers["whatsapp"].state == "open":
+                    break
+                await asyncio.sleep(0.02)
+            assert deps.breakers["whatsapp"].state == "open"
+            assert fake.sent == []
+            fake.fail_status = 0  # WhatsApp is back
+            for _ in range(200):
+                if len(fake.sent) >= 9:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # room for a wrongful duplicate to show up
+        finally:
+            await deps.sender.stop()
+            await worker
+    assert len(fake.sent) == 9
+    for phone in phones:
+        sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+        assert [e.payload.reply_key for e in sent] == keys[phone]
+        texts = [r["text"] for r in fake.sent if r["to"] == phone]
+        assert len(texts) == 3
+
+
+async def test_send_in_doubt_after_a_crash_is_not_repeated(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        phone = new_phone()
+        req = reply_requested(phone)
+        await deps.handlers.answer_reply_request(req)
+        # The process died during the HTTP call: the row says "sending", the result is unknown.
+        async with pool.acquire() as conn:
+            await store.mark_sending(conn, req.payload.reply_key)
+        fresh = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)  # the restarted process
+        assert await fresh.sender.recover_in_doubt() == 1
+        await fresh.handlers.answer_reply_request(req)  # JetStream redelivers the request too
+        await _settle(fresh)
+    assert fake.sent == []
+    events = await _events(fresh, phone)
+    assert [e.type for e in events] == ["ReplyGenerated", "SendFailed"]
+    assert events[1].payload.reason == "outcome_unknown"
+
+
+async def test_evolution_provider_sends_with_quoted_message(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeEvolution()
+    async with fake as base_url:
+        settings = make_settings(
+            urls, tag, whatsapp_provider="evolution", evolution_base_url=base_url,
+            evolution_api_key="test-apikey", evolution_instance="orbion",
+        )  # fmt: skip
+        deps = build_deps(settings, pool, schema=schema)
+        phone = new_phone()
+        req = reply_requested(phone)
+        await deps.handlers.answer_reply_request(req)
+        await _settle(deps)
+    [record] = fake.sent
+    assert record["to"] == phone and record["instance"] == "orbion"
+    assert record["context_message_id"] == req.payload.reply_to_message_id
+    [sent] = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    assert sent.payload.via == "evolution" and sent.payload.provider_message_id == record["id"]
+
+
+async def test_unexpected_error_during_a_send_is_not_retried_blindly(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        provider = deps.sender.provider
+        assert provider is not None
+        real_send = provider.send_text
+        calls = 0
+
+        async def send_then_explode(phone: str, text: str, reply_to: str = "") -> str:
+            nonlocal calls
+            calls += 1
+            await real_send(phone, text, reply_to)  # WhatsApp accepted it...
+            raise RuntimeError("bug after the call")  # ...and we could not tell
+
+        provider.send_text = send_then_explode  # type: ignore[method-assign]
+        phone = new_phone()
+        first, second = reply_requested(phone, "um"), reply_requested(phone, "dois")
+        await deps.handlers.answer_reply_request(first)
+        await deps.handlers.answer_reply_request(second)
+        await deps.sender.drain()  # the first attempt dies in "sending"
+        provider.send_text = real_send  # type: ignore[method-assign]
+        await _settle(deps)
+    assert calls == 1
+    assert len(fake.sent) == 2  # the first reply once (accepted before the bug), the second once
+    events = await _events(deps, phone)
+    assert [e.type for e in events] == ["ReplyGenerated", "ReplyGenerated", "SendFailed", "MessageSent"]
+    assert events[2].payload.reason == "outcome_unknown"
+    assert events[3].payload.reply_key == second.payload.reply_key  # the next one still goes out
