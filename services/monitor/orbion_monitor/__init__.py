@@ -1,0 +1,1 @@
+"""ORBION monitor: OTLP trace aggregation, health roll-up, metrics, dashboard and alerts."""
