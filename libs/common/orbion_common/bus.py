@@ -226,18 +226,27 @@ class Bus:
 
     # -- publishing -------------------------------------------------------------------------
 
-    async def publish(self, event: Envelope, *, msg_id: str | None = None) -> bool:
+    async def publish(
+        self, event: Envelope, *, msg_id: str | None = None, parent: dict[str, str] | None = None
+    ) -> bool:
         """Publish and wait for JetStream's ack; False when it was a duplicate.
 
-        Raises :class:`BusUnavailable` when NATS is unreachable or does not ack in time.
+        ``parent`` is a trace context to publish in (the relay passes the one stored with the
+        event); by default the current span is the parent. Raises :class:`BusUnavailable` when
+        NATS is unreachable or does not ack in time.
         """
         if not self.nc.is_connected:
             raise BusUnavailable("not connected to NATS")
         headers = {"Nats-Msg-Id": msg_id or event.event_id, "Orbion-Type": event.type}
         with tracer.start_as_current_span(
             f"publish {event.type}",
+            context=propagate.extract(parent) if parent else None,
             kind=SpanKind.PRODUCER,
-            attributes={"messaging.system": "nats", "orbion.event_type": event.type},
+            attributes={
+                "messaging.system": "nats",
+                "orbion.event_type": event.type,
+                "orbion.correlation_id": event.correlation_id,
+            },
         ):
             propagate.inject(headers)
             with PUBLISH_SECONDS.time():
@@ -254,11 +263,19 @@ class Bus:
         return True
 
     async def publish_all(
-        self, events: Sequence[Envelope], msg_ids: Sequence[str] | None = None
+        self,
+        events: Sequence[Envelope],
+        msg_ids: Sequence[str] | None = None,
+        parents: Sequence[dict[str, str] | None] | None = None,
     ) -> list[bool]:
         """Publish concurrently; returns when every event is acked (raises if any is not)."""
         ids: Sequence[str | None] = msg_ids if msg_ids is not None else [None] * len(events)
-        return list(await asyncio.gather(*(self.publish(e, msg_id=i) for e, i in zip(events, ids, strict=True))))
+        ctxs: Sequence[dict[str, str] | None] = parents if parents is not None else [None] * len(events)
+        return list(
+            await asyncio.gather(
+                *(self.publish(e, msg_id=i, parent=p) for e, i, p in zip(events, ids, ctxs, strict=True))
+            )
+        )
 
     async def publish_dead_letter(self, durable: str, data: bytes, error: str, **extra: str) -> None:
         """Keep bytes nobody could handle, with the reason, for an operator to inspect."""
@@ -340,7 +357,11 @@ class Bus:
             f"process {event.type}",
             context=propagate.extract(headers),
             kind=SpanKind.CONSUMER,
-            attributes={"messaging.consumer": spec.durable, "orbion.event_type": event.type},
+            attributes={
+                "messaging.consumer": spec.durable,
+                "orbion.event_type": event.type,
+                "orbion.correlation_id": event.correlation_id,
+            },
         ) as span, HANDLER_SECONDS.labels(spec.durable).time():
             try:
                 await handler(event, delivery)

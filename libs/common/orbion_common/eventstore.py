@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import asyncpg
+import orjson
+from opentelemetry import propagate
 
 from .events import Envelope, Event, decode, encode
 
@@ -44,6 +46,7 @@ class StoredEvent:
     version: int
     event: Event
     tx_id: int = 0
+    trace_context: dict[str, str] | None = None
 
     @property
     def cursor(self) -> Cursor:
@@ -51,9 +54,20 @@ class StoredEvent:
 
 
 def _stored(row: asyncpg.Record) -> StoredEvent:
+    trace = row.get("trace_context")
     return StoredEvent(
-        position=row["position"], version=row["version"], event=decode(row["body"]), tx_id=int(row["tx_id"])
+        position=row["position"],
+        version=row["version"],
+        event=decode(row["body"]),
+        tx_id=int(row["tx_id"]),
+        trace_context=orjson.loads(trace) if trace else None,
     )
+
+
+def _current_trace_context() -> str | None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return orjson.dumps(carrier).decode() if carrier else None
 
 
 class EventStore:
@@ -67,12 +81,13 @@ class EventStore:
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.events WHERE stream_id = $1"
         self._sql_existing = f"SELECT event_id FROM {s}.events WHERE event_id = ANY($1::text[])"
         self._sql_insert = f"""
-            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body)
-            SELECT e.event_id, $1, e.version, e.type, e.occurred_at, e.body::jsonb
+            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
+            SELECT e.event_id, $1, e.version, e.type, e.occurred_at, e.body::jsonb, $7::jsonb
             FROM unnest($2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
                  AS e(event_id, version, type, occurred_at, body)
             ORDER BY e.version
-            RETURNING position, version, tx_id::text::bigint AS tx_id, body::text AS body"""
+            RETURNING position, version, tx_id::text::bigint AS tx_id, body::text AS body,
+                      trace_context::text AS trace_context"""
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -83,7 +98,8 @@ class EventStore:
             f"ORDER BY position LIMIT $2"
         )
         self._sql_after = (
-            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body FROM {s}.events "
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body, "
+            f"trace_context::text AS trace_context FROM {s}.events "
             f"WHERE (tx_id, position) > ($1::text::xid8, $2) "
             f"AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
             f"ORDER BY tx_id, position LIMIT $3"
@@ -135,6 +151,7 @@ class EventStore:
                     [e.type for e in fresh],
                     [e.occurred_at for e in fresh],
                     [encode(e).decode() for e in fresh],
+                    _current_trace_context(),
                 )
         except asyncpg.UniqueViolationError as exc:
             raise ConcurrencyError(f"concurrent append to stream {stream_id}: {exc.detail}") from exc

@@ -97,7 +97,7 @@ class Relay:
                 RELAY_LAG.labels(self.store.schema).set(0)
                 return 0
             RELAY_LAG.labels(self.store.schema).set(len(batch))
-            await self.bus.publish_all([s.event for s in batch])
+            await self.bus.publish_all([s.event for s in batch], parents=[s.trace_context for s in batch])
             await self.store.save_cursor(conn, self.name, batch[-1].cursor)
         RELAYED.labels(self.store.schema).inc(len(batch))
         return len(batch)

@@ -72,3 +72,18 @@ async def test_a_running_relay_publishes_soon_after_a_commit_and_only_one_replic
         for r in relays:
             await r.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_relayed_event_is_published_in_the_trace_that_appended_it(parts):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    pool, store, bus = parts
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("handle webhook") as span:
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        async with pool.acquire() as conn:
+            await store.append(conn, "5511", [inbound("5511", 1)])
+    await Relay(pool, store, bus).publish_pending()  # outside any span, as the relay's loop is
+    msg = await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.>")
+    assert msg.headers is not None
+    assert msg.headers["traceparent"].split("-")[1] == trace_id

@@ -12,6 +12,9 @@ CREATE TABLE IF NOT EXISTS events (
     -- transaction, so an event that commits late is never skipped (see EventStore.read_after).
     tx_id          xid8        NOT NULL DEFAULT pg_current_xact_id(),
     body           jsonb       NOT NULL,
+    -- W3C trace context of the transaction that appended the event, so the relay publishes it
+    -- inside the same trace and one message stays one trace across services.
+    trace_context  jsonb,
     UNIQUE (stream_id, version)
 );
 CREATE INDEX IF NOT EXISTS events_tx_position ON events (tx_id, position);
