@@ -117,7 +117,16 @@ class ConsumerSpec:
         index = min(num_delivered - 1, len(self.nak_delays) - 1)
         return self.nak_delays[max(index, 0)]
 
-    def consumer_config(self, root: str = "orbion") -> ConsumerConfig:
+    def consumer_config(self, root: str = "orbion", *, multi_filter: bool = True) -> ConsumerConfig:
+        """The durable's config; without ``multi_filter`` (NATS before 2.10) it takes every event
+        type of the stream, and the bus drops the foreign ones before the handler sees them."""
+        subjects = [f"{root}.events.{t}.*" for t in self.event_types]
+        if len(subjects) == 1:
+            filters: dict[str, Any] = {"filter_subject": subjects[0]}
+        elif multi_filter:
+            filters = {"filter_subjects": subjects}
+        else:
+            filters = {"filter_subject": f"{root}.events.>"}
         return ConsumerConfig(
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -127,7 +136,7 @@ class ConsumerSpec:
             max_deliver=self.max_deliver + 1,
             ack_wait=self.ack_wait_seconds,
             max_ack_pending=max(self.batch_size * 4, 256),
-            filter_subjects=[f"{root}.events.{t}.*" for t in self.event_types],
+            **filters,
         )
 
 
@@ -292,7 +301,9 @@ class Bus:
 
     async def _bind(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
         await self.provision()
-        await self.js.add_consumer(self.settings.stream_name, spec.consumer_config(self.root))
+        version = self.nc.connected_server_version
+        multi_filter = (version.major, version.minor) >= (2, 10)
+        await self.js.add_consumer(self.settings.stream_name, spec.consumer_config(self.root, multi_filter=multi_filter))
         return await self.js.pull_subscribe_bind(durable=spec.durable, stream=self.settings.stream_name)
 
     async def _consume_forever(self, spec: ConsumerSpec, handler: Handler) -> None:
@@ -335,6 +346,9 @@ class Bus:
                 event = decode(msg.data)
             except UndecodableEvent as exc:
                 await self._dead_letter(spec, msg, f"undecodable: {exc}")
+                continue
+            if event.type not in spec.event_types:  # only on servers that cannot filter by several subjects
+                await msg.ack()
                 continue
             by_stream.setdefault(event.stream_id, []).append((event, msg))
         await asyncio.gather(*(self._handle_in_order(spec, handler, items) for items in by_stream.values()))

@@ -6,6 +6,10 @@ moves its cursor only after JetStream acked. A crash between the publish and the
 publishes again on restart: JetStream drops the repeat inside its duplicate window, and
 consumers dedupe on the event id beyond it.
 
+A store may also keep copies of events the service consumed (its history is rebuilt from them);
+``publish_types`` names the types the service owns, and the relay moves past the others without
+publishing them, which would hand every consumer a duplicate once JetStream's window passed.
+
 Only one relay per schema publishes at a time (a Postgres advisory lock held on a dedicated
 connection): replicas stand by and take over when the holder's connection dies.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 
 import asyncpg
 from prometheus_client import Counter, Gauge
@@ -38,6 +43,7 @@ class Relay:
         name: str = "relay",
         batch_size: int = 500,
         poll_seconds: float = 0.2,
+        publish_types: Collection[str] | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -45,6 +51,7 @@ class Relay:
         self.name = name
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
+        self.publish_types = frozenset(publish_types) if publish_types is not None else None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.leader = False
@@ -89,17 +96,19 @@ class Relay:
         return locked
 
     async def publish_pending(self) -> int:
-        """Publish one batch of unpublished events; returns how many."""
+        """Publish one batch of the log; returns how many events it read (published or passed)."""
         async with self.pool.acquire() as conn:
             cursor = await self.store.cursor(conn, self.name)
             batch = await self.store.read_after(conn, cursor, limit=self.batch_size)
             if not batch:
                 RELAY_LAG.labels(self.store.schema).set(0)
                 return 0
-            RELAY_LAG.labels(self.store.schema).set(len(batch))
-            await self.bus.publish_all([s.event for s in batch], parents=[s.trace_context for s in batch])
+            owned = [s for s in batch if self.publish_types is None or s.event.type in self.publish_types]
+            RELAY_LAG.labels(self.store.schema).set(len(owned))
+            if owned:
+                await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
             await self.store.save_cursor(conn, self.name, batch[-1].cursor)
-        RELAYED.labels(self.store.schema).inc(len(batch))
+        RELAYED.labels(self.store.schema).inc(len(owned))
         return len(batch)
 
     async def _sleep(self, seconds: float) -> None:

@@ -165,3 +165,36 @@ async def test_two_systems_on_one_server_do_not_see_each_others_events(bus, nats
         for name in (other.settings.stream_name, f"{other.settings.stream_name}_DLQ"):
             await other.js.delete_stream(name)
         await other.close()
+
+
+def test_on_a_server_without_multi_subject_filters_a_consumer_takes_the_whole_stream():
+    spec = ConsumerSpec(durable="d", event_types=("MessageReceived", "MessageStatusChanged"))
+    assert spec.consumer_config("orbion").filter_subjects == [
+        "orbion.events.MessageReceived.*",
+        "orbion.events.MessageStatusChanged.*",
+    ]
+    assert spec.consumer_config("orbion", multi_filter=False).filter_subject == "orbion.events.>"
+    single = ConsumerSpec(durable="d", event_types=("ReplyRequested",))
+    assert single.consumer_config("orbion", multi_filter=False).filter_subject == "orbion.events.ReplyRequested.*"
+
+
+async def test_a_consumer_only_hands_its_own_event_types_to_its_handler(bus, unique):
+    from orbion_common.events import MessageStatusChanged
+    from orbion_common.events.messaging import MessageStatusChangedPayload
+
+    seen: list[str] = []
+
+    async def handler(event, delivery):
+        seen.append(event.type)
+
+    bus.consume(ConsumerSpec(durable=f"types{unique}", event_types=("MessageReceived",)), handler)
+    status = MessageStatusChanged.create(
+        "5511",
+        MessageStatusChangedPayload(
+            provider="cloud_api", provider_message_id="wamid.9", phone="5511", status="read",
+            changed_at=datetime.now(UTC),
+        ),
+    )
+    await bus.publish(status)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: seen == ["MessageReceived"])

@@ -87,3 +87,24 @@ async def test_a_relayed_event_is_published_in_the_trace_that_appended_it(parts)
     msg = await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.>")
     assert msg.headers is not None
     assert msg.headers["traceparent"].split("-")[1] == trace_id
+
+
+async def test_a_relay_publishes_only_the_types_its_service_owns(parts):
+    from orbion_common.events import ReplyRequested
+    from orbion_common.events.messaging import ReplyRequestedPayload
+
+    pool, store, bus = parts
+    consumed = inbound("5511", 1)
+    decided = ReplyRequested.create(
+        "5511", ReplyRequestedPayload(reply_key="k1", phone="5511", inbound_message_ids=["wamid.1"], text="oi"),
+        cause=consumed,
+    )
+    async with pool.acquire() as conn:
+        await store.append(conn, "5511", [consumed, decided])
+    relay = Relay(pool, store, bus, publish_types={"ReplyRequested"})
+    assert await relay.publish_pending() == 2
+    assert await relay.publish_pending() == 0
+    info = await bus.js.stream_info(bus.settings.stream_name)
+    assert info.state.messages == 1
+    msg = await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.>")
+    assert b"ReplyRequested" in msg.data
