@@ -1,0 +1,1 @@
+"""ORBION conversation service: message history (event store, projection, cache), history API, replies."""

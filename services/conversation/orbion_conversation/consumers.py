@@ -1,0 +1,100 @@
+"""JetStream handler of the conversation service: decode, claim, append, project, decide, ack.
+
+One durable consumer receives the message events (gateway, llm-proxy) and the lead
+service's silencing events. For each: claim it, append it to the contact's stream in our
+event store (its unique event id absorbs a webhook retried days later), project it, decide on
+a reply, all in ONE transaction; then write the history cache and wake the relay/scheduler.
+
+Per-contact order with several replicas: the bus runs one contact's events of a batch in
+order; across replicas, each append takes the next version of the contact's stream, so two
+concurrent writers collide on UNIQUE (stream_id, version): the loser raises ConcurrencyError,
+its transaction rolls back, and its event is nakked and re-read after the winner.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+from orbion_common.bus import ConsumerSpec, Delivery
+from orbion_common.events import Event, MessageReceived
+from orbion_common.logging import mask_phone
+
+from . import projector, replies
+from .replies import ReplyContext
+
+log = logging.getLogger(__name__)
+
+CONSUMED_TYPES = tuple(t for t in projector.PROJECTED_TYPES if t != "ReplyRequested")
+
+
+# Delivery policy: nak with growing delays (a concurrency conflict settles in milliseconds,
+# a database outage in seconds), dead-letter after 8 tries.
+def consumer_spec(durable: str = "conversation", batch_size: int = 64, max_deliver: int = 8) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable=durable,
+        event_types=CONSUMED_TYPES,
+        max_deliver=max_deliver,
+        ack_wait_seconds=30.0,
+        nak_delays=(0.05, 0.2, 1.0, 5.0, 15.0),
+        batch_size=batch_size,
+    )
+
+
+CONSUMER = consumer_spec()
+
+
+@dataclass
+class Deps:
+    pool: asyncpg.Pool
+    ctx: ReplyContext
+    consumer_name: str = CONSUMER.durable
+    wake_relay: Callable[[], None] = lambda: None
+    wake_scheduler: Callable[[], None] = lambda: None
+
+
+async def record_event(deps: Deps, event: Event, delivery: Delivery | None = None) -> str:
+    """Handle one consumed event; returns the outcome. Raises to get the event redelivered."""
+    if event.type not in CONSUMED_TYPES:
+        # A server older than NATS 2.10 ignores multi-subject filters and delivers everything.
+        return "ignored"
+    ctx = deps.ctx
+    phone = event.stream_id
+    outcome = "duplicate"
+    async with deps.pool.acquire() as conn, conn.transaction():
+        if await ctx.store.claim(conn, deps.consumer_name, event.event_id):
+            outcome = await _record(conn, ctx, event)
+        snapshot = await ctx.projection.history_snapshot(conn, phone, ctx.history.size)
+    # After commit. A crash here means a redelivery, which claim() turns into "duplicate" and
+    # which writes the cache again (a stale version never replaces a newer one).
+    if snapshot is not None:
+        await ctx.history.write_through(phone, *snapshot)
+    if outcome == "requested":
+        deps.wake_relay()
+    elif outcome == "scheduled":
+        deps.wake_scheduler()
+    log.debug("%s %s: %s", event.type, mask_phone(phone), outcome)
+    return outcome
+
+
+async def _record(conn: asyncpg.Connection, ctx: ReplyContext, event: Event) -> str:
+    phone = event.stream_id
+    pending = await replies.lock_pending(conn, phone) if isinstance(event, MessageReceived) else None
+    # Appended at the next version of the contact's stream; a replica appending to the same
+    # contact meanwhile makes this raise ConcurrencyError (nak, re-read after the winner).
+    stored = await ctx.store.append(conn, phone, [event])
+    if not stored:
+        return "duplicate"  # already in our log (a provider retry under a new claim)
+    applied = await projector.apply(conn, ctx.projection, stored[0], ctx.opt_in_rule)
+    if isinstance(event, MessageReceived):
+        return await replies.on_inbound(conn, ctx, event, applied, pending)
+    return "projected"
+
+
+def handler(deps: Deps) -> Callable[[Event, Delivery], Awaitable[None]]:
+    async def handle(event: Event, delivery: Delivery) -> None:
+        await record_event(deps, event, delivery)
+
+    return handle

@@ -1,0 +1,42 @@
+"""Settings of the conversation service (``ORBION_*``); every field documented for docs/configuration.md."""
+
+from __future__ import annotations
+
+from orbion_common.settings import CommonSettings
+from pydantic import Field
+
+
+class Settings(CommonSettings):
+    reply_quiet_period_seconds: float = Field(
+        1.5,
+        ge=0,
+        description="Wait this long for more messages from a contact before requesting one reply "
+        "for the whole burst; 0 requests a reply for each message at once.",
+    )
+    opt_in_rule: str = Field(
+        "keyword",
+        description="How an opted-out contact opts back in: `keyword` (a start word) or `any_message` "
+        "(shared with the lead service).",
+    )
+    conversation_history_size: int = Field(
+        20, ge=1, le=200, description="Messages per contact kept in the Redis history cache."
+    )
+    conversation_cache_ttl_seconds: float = Field(
+        3600.0, gt=0, description="Safety-net TTL of a cached history (write-through keeps it fresh)."
+    )
+    conversation_cache_timeout_seconds: float = Field(
+        0.25, gt=0, description="Redis socket timeout for the history cache; past it, Postgres answers."
+    )
+    conversation_scheduler_poll_seconds: float = Field(
+        0.25, gt=0, description="How often the reply scheduler looks for due replies of other replicas."
+    )
+    conversation_consumer_batch: int = Field(
+        64, ge=1, description="Events fetched per batch by the conversation consumer."
+    )
+    rate_limit_ip_per_minute: int = Field(
+        100, ge=1, description="Requests per client IP per minute on `/api` (shared with the gateway)."
+    )
+    rate_limit_api_key_per_minute: int = Field(
+        1000, ge=1, description="Requests per API key per minute on `/api` (shared with the gateway)."
+    )
+    rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the rate limiter.")

@@ -1,0 +1,411 @@
+"""All SQL of the conversation service's read side (asyncpg), connection first.
+
+Owns the projection tables of ``migrations/001_projections.sql`` (messages, parts, early
+statuses, contacts) and the ``pending_replies`` work queue. The event-store tables belong to
+``orbion_common.eventstore``. Every function takes the connection first so the caller owns
+the transaction. No rules here: ``domain.py`` decides, these functions read and write.
+
+:class:`Projection` is parametrised by table names so that ``rebuild.py`` can fill fresh
+tables with the very same SQL the live projector uses, then swap them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from .domain import ContactState, ContactSummary, MessageItem, PendingReply
+
+LIVE = ""
+_MESSAGE_COLUMNS = (
+    "message_key, phone, direction, kind, text, status, created_at, position, "
+    # Inbound rows are keyed by their provider id; outbound replies store theirs once sent.
+    "coalesce(provider_message_id, CASE WHEN reply_key = '' THEN message_key ELSE '' END) "
+    "AS provider_message_id, reply_key"
+)
+CONTACT_COLUMNS = (
+    "phone, profile_name, message_count, inbound_count, outbound_count, first_message_at, "
+    "last_inbound_at, last_outbound_at, last_activity_at, opted_out, blocked, handed_off, version, "
+    "lead_stage, language"
+)
+
+
+def message_item(row: asyncpg.Record) -> MessageItem:
+    return MessageItem(
+        key=row["message_key"],
+        phone=row["phone"],
+        direction=row["direction"],
+        kind=row["kind"],
+        text=row["text"],
+        status=row["status"],
+        created_at=row["created_at"],
+        position=row["position"],
+        provider_message_id=row["provider_message_id"],
+        reply_key=row["reply_key"],
+    )
+
+
+def contact_summary(row: asyncpg.Record) -> ContactSummary:
+    return ContactSummary(
+        phone=row["phone"],
+        profile_name=row["profile_name"],
+        message_count=row["message_count"],
+        inbound_count=row["inbound_count"],
+        outbound_count=row["outbound_count"],
+        first_message_at=row["first_message_at"],
+        last_inbound_at=row["last_inbound_at"],
+        last_outbound_at=row["last_outbound_at"],
+        last_activity_at=row["last_activity_at"],
+        state=ContactState(opted_out=row["opted_out"], blocked=row["blocked"], handed_off=row["handed_off"]),
+        version=row["version"],
+        lead_stage=row["lead_stage"],
+        language=row["language"],
+    )
+
+
+def _contact_row(s: ContactSummary) -> tuple[object, ...]:
+    return (
+        s.phone, s.profile_name, s.message_count, s.inbound_count, s.outbound_count,
+        s.first_message_at, s.last_inbound_at, s.last_outbound_at, s.last_activity_at,
+        s.state.opted_out, s.state.blocked, s.state.handed_off, s.version, s.lead_stage, s.language,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SentResult:
+    found: bool  # the reply row exists (else the caller creates it and records again)
+    echo_removed: bool  # a from_me line of this part was in the history and is gone
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    key: str
+    status: str
+
+
+class Projection:
+    """SQL over one set of projection tables: the live ones (suffix ``""``) or a rebuild's."""
+
+    TABLES = (
+        "conversation_messages",
+        "conversation_message_parts",
+        "conversation_early_statuses",
+        "conversation_contacts",
+    )
+
+    def __init__(self, suffix: str = LIVE) -> None:
+        if suffix and not suffix.replace("_", "").isalnum():
+            raise ValueError(f"bad table suffix {suffix!r}")
+        self.suffix = suffix
+        m = f"conversation_messages{suffix}"
+        p = f"conversation_message_parts{suffix}"
+        e = f"conversation_early_statuses{suffix}"
+        c = f"conversation_contacts{suffix}"
+        self.messages, self.parts, self.early, self.contacts = m, p, e, c
+        # One round trip: insert the message and, if it is new, take a status that came first.
+        self._insert_message = f"""
+            WITH ins AS (
+                INSERT INTO {m} (message_key, phone, direction, kind, text, status, created_at, position,
+                                 provider_message_id, reply_key)
+                SELECT $1, $2, $3, $4, $5, $6, $7, $8, nullif($9, ''), $10
+                -- an echo of a reply we sent (from_me) is already in the history as that reply
+                WHERE NOT EXISTS (SELECT 1 FROM {m} WHERE provider_message_id = $1)
+                  AND NOT EXISTS (SELECT 1 FROM {p} WHERE provider_message_id = $1)
+                ON CONFLICT DO NOTHING RETURNING message_key
+            ), early AS (
+                DELETE FROM {e} WHERE provider_message_id = $1 AND EXISTS (SELECT 1 FROM ins)
+                RETURNING status, status_at, error
+            )
+            SELECT EXISTS (SELECT 1 FROM ins) AS inserted, early.status, early.status_at, early.error
+            FROM (SELECT 1) AS one LEFT JOIN early ON true"""
+        self._upsert_reply = f"""
+            INSERT INTO {m} (message_key, phone, direction, kind, text, status, created_at, position,
+                             provider_message_id, reply_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, nullif($9, ''), $10)
+            ON CONFLICT (message_key) DO UPDATE SET text = excluded.text, created_at = excluded.created_at
+            RETURNING (xmax = 0) AS inserted"""
+        self._get_message = f"SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE message_key = $1"
+        self._by_provider_id = f"""
+            SELECT message_key, status FROM {m} WHERE message_key = $1
+            UNION ALL
+            SELECT message_key, status FROM {m} WHERE provider_message_id = $1
+            UNION ALL
+            SELECT m.message_key, m.status FROM {p} JOIN {m} m USING (message_key)
+            WHERE {p}.provider_message_id = $1
+            LIMIT 1"""
+        self._set_status = f"UPDATE {m} SET status = $2, status_at = $3, error = $4 WHERE message_key = $1"
+        # A provider status, applied only over the statuses it supersedes ($5, from domain).
+        self._status_by_provider_id = f"""
+            UPDATE {m} SET status = $2, status_at = $3, error = $4
+            WHERE message_key = coalesce(
+                (SELECT message_key FROM {m} WHERE message_key = $1),
+                (SELECT message_key FROM {m} WHERE provider_message_id = $1),
+                (SELECT message_key FROM {p} WHERE provider_message_id = $1))
+              AND status = ANY($5::text[])
+            RETURNING 1"""
+        # A sent part: drop our own echo (from_me, seen first) holding its provider id, attach the
+        # id to the reply (or report it is a further part), mark it sent over $3 (from domain).
+        self._sent = f"""
+            WITH echo AS (
+                DELETE FROM {m} WHERE message_key = $2 AND direction = 'out' AND reply_key = ''
+                RETURNING 1
+            ), sent AS (
+                UPDATE {m} SET provider_message_id = coalesce(provider_message_id, $2),
+                    status_at = CASE WHEN status = ANY($3::text[]) THEN $4 ELSE status_at END,
+                    status = CASE WHEN status = ANY($3::text[]) THEN 'sent' ELSE status END
+                WHERE message_key = $1
+                RETURNING provider_message_id = $2 AS attached
+            )
+            SELECT (SELECT attached FROM sent) AS attached, EXISTS (SELECT 1 FROM echo) AS echo"""
+        self._add_part = (
+            f"INSERT INTO {p} (provider_message_id, message_key) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        )
+        self._early_get = f"SELECT status FROM {e} WHERE provider_message_id = $1"
+        self._early_put = f"""
+            INSERT INTO {e} (provider_message_id, status, status_at, error) VALUES ($1, $2, $3, $4)
+            ON CONFLICT (provider_message_id) DO UPDATE
+            SET status = excluded.status, status_at = excluded.status_at, error = excluded.error"""
+        self._load_contact = f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = $1"
+        self._save_contact = f"""
+            INSERT INTO {c} ({CONTACT_COLUMNS})
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+            ON CONFLICT (phone) DO UPDATE SET
+                profile_name = excluded.profile_name, message_count = excluded.message_count,
+                inbound_count = excluded.inbound_count, outbound_count = excluded.outbound_count,
+                first_message_at = excluded.first_message_at, last_inbound_at = excluded.last_inbound_at,
+                last_outbound_at = excluded.last_outbound_at, last_activity_at = excluded.last_activity_at,
+                opted_out = excluded.opted_out, blocked = excluded.blocked, handed_off = excluded.handed_off,
+                version = excluded.version, lead_stage = excluded.lead_stage, language = excluded.language"""
+        self._recent = f"""
+            SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE phone = $1
+            ORDER BY created_at DESC, position DESC LIMIT $2"""
+        self._recent_before = f"""
+            SELECT {_MESSAGE_COLUMNS} FROM {m}
+            WHERE phone = $1 AND (created_at, position) < ($3, $4)
+            ORDER BY created_at DESC, position DESC LIMIT $2"""
+        # One statement, so the version and the messages come from the same snapshot.
+        self._snapshot = f"""
+            SELECT c.version, r.* FROM {c} c
+            LEFT JOIN LATERAL (
+                SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE phone = c.phone
+                ORDER BY created_at DESC, position DESC LIMIT $2
+            ) r ON true
+            WHERE c.phone = $1"""
+        self._by_keys = f"""
+            SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE message_key = ANY($1::text[])
+            ORDER BY created_at, position"""
+        self._contacts_page = f"""
+            SELECT {CONTACT_COLUMNS} FROM {c}
+            WHERE last_activity_at >= $1 AND (last_activity_at, phone) < ($2, $3)
+            ORDER BY last_activity_at DESC, phone DESC LIMIT $4"""
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def insert_message(
+        self, conn: asyncpg.Connection, item: MessageItem
+    ) -> tuple[bool, tuple[str, datetime, str] | None]:
+        """Insert a new message row; returns (False, None) when its key or provider id is already
+        projected, else (True, the status that arrived before it, taken off the early table)."""
+        row = await conn.fetchrow(self._insert_message, *self._row(item))
+        assert row is not None
+        early = (row["status"], row["status_at"], row["error"]) if row["status"] is not None else None
+        return bool(row["inserted"]), early
+
+    async def upsert_reply(self, conn: asyncpg.Connection, item: MessageItem) -> bool:
+        """Insert an outbound reply or set its full text; True when the row is new."""
+        inserted: bool = await conn.fetchval(self._upsert_reply, *self._row(item))
+        return inserted
+
+    @staticmethod
+    def _row(item: MessageItem) -> tuple[object, ...]:
+        return (
+            item.key,
+            item.phone,
+            item.direction,
+            item.kind,
+            item.text,
+            item.status,
+            item.created_at,
+            item.position,
+            item.provider_message_id,
+            item.reply_key,
+        )
+
+    async def get_message(self, conn: asyncpg.Connection, key: str) -> MessageItem | None:
+        row = await conn.fetchrow(self._get_message, key)
+        return message_item(row) if row else None
+
+    async def find_by_provider_id(
+        self, conn: asyncpg.Connection, provider_message_id: str
+    ) -> StatusRow | None:
+        row = await conn.fetchrow(self._by_provider_id, provider_message_id)
+        return StatusRow(row["message_key"], row["status"]) if row else None
+
+    async def set_status(
+        self, conn: asyncpg.Connection, key: str, status: str, at: datetime, error: str = ""
+    ) -> None:
+        await conn.execute(self._set_status, key, status, at, error)
+
+    async def apply_provider_status(
+        self,
+        conn: asyncpg.Connection,
+        provider_message_id: str,
+        status: str,
+        at: datetime,
+        error: str,
+        supersedes: Sequence[str],
+    ) -> bool:
+        """Set the status of the message with this provider id if its status is in ``supersedes``."""
+        row = await conn.fetchrow(
+            self._status_by_provider_id, provider_message_id, status, at, error, list(supersedes)
+        )
+        return row is not None
+
+    async def record_sent(
+        self,
+        conn: asyncpg.Connection,
+        key: str,
+        provider_message_id: str,
+        at: datetime,
+        sent_supersedes: Sequence[str],
+    ) -> SentResult:
+        """A sent part: its provider id on the reply (first part) or as an extra part, and the
+        status 'sent' over ``sent_supersedes``; an echo line of it (from_me) is removed."""
+        row = await conn.fetchrow(self._sent, key, provider_message_id, list(sent_supersedes), at)
+        assert row is not None
+        attached: bool | None = row["attached"]
+        if attached is False:
+            await conn.execute(self._add_part, provider_message_id, key)
+        return SentResult(found=attached is not None, echo_removed=bool(row["echo"]))
+
+    async def early_status(self, conn: asyncpg.Connection, provider_message_id: str) -> str | None:
+        status: str | None = await conn.fetchval(self._early_get, provider_message_id)
+        return status
+
+    async def save_early_status(
+        self, conn: asyncpg.Connection, provider_message_id: str, status: str, at: datetime, error: str
+    ) -> None:
+        await conn.execute(self._early_put, provider_message_id, status, at, error)
+
+    async def recent_messages(
+        self,
+        conn: asyncpg.Connection | asyncpg.Pool,
+        phone: str,
+        limit: int,
+        before: tuple[datetime, int] | None = None,
+    ) -> list[MessageItem]:
+        """Newest first."""
+        if before is None:
+            rows = await conn.fetch(self._recent, phone, limit)
+        else:
+            rows = await conn.fetch(self._recent_before, phone, limit, before[0], before[1])
+        return [message_item(r) for r in rows]
+
+    async def history_snapshot(
+        self, conn: asyncpg.Connection | asyncpg.Pool, phone: str, limit: int
+    ) -> tuple[int, list[MessageItem]] | None:
+        """The contact's stream version and newest ``limit`` messages, or None for an unknown phone."""
+        rows = await conn.fetch(self._snapshot, phone, limit)
+        if not rows:
+            return None
+        version: int = rows[0]["version"]
+        return version, [message_item(r) for r in rows if r["message_key"] is not None]
+
+    async def messages_by_keys(self, conn: asyncpg.Connection, keys: Sequence[str]) -> list[MessageItem]:
+        """Oldest first."""
+        return [message_item(r) for r in await conn.fetch(self._by_keys, list(keys))]
+
+    # -- contacts ---------------------------------------------------------------------------
+
+    async def load_contact(
+        self, conn: asyncpg.Connection | asyncpg.Pool, phone: str
+    ) -> ContactSummary | None:
+        row = await conn.fetchrow(self._load_contact, phone)
+        return contact_summary(row) if row else None
+
+    async def save_contact(self, conn: asyncpg.Connection, s: ContactSummary) -> None:
+        await conn.execute(self._save_contact, *_contact_row(s))
+
+    async def save_contacts(self, conn: asyncpg.Connection, summaries: Sequence[ContactSummary]) -> None:
+        await conn.executemany(self._save_contact, [_contact_row(s) for s in summaries])
+
+    async def active_contacts(
+        self,
+        conn: asyncpg.Connection | asyncpg.Pool,
+        since: datetime,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[ContactSummary]:
+        """Contacts active since ``since``, most recent first, strictly before the cursor."""
+        far = datetime.max.replace(tzinfo=since.tzinfo)
+        at, phone = before if before is not None else (far, "\uffff")
+        return [contact_summary(r) for r in await conn.fetch(self._contacts_page, since, at, phone, limit)]
+
+
+# -- pending replies (a work queue, not a projection) ----------------------------------------
+
+_PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id"
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    reply: PendingReply
+    correlation_id: str
+    causation_id: str
+
+
+def _pending(row: asyncpg.Record) -> PendingRow:
+    return PendingRow(
+        PendingReply(phone=row["phone"], inbound_ids=tuple(row["inbound_ids"]), due_at=row["due_at"]),
+        row["correlation_id"],
+        row["causation_id"],
+    )
+
+
+async def load_pending(conn: asyncpg.Connection, phone: str) -> PendingRow | None:
+    """The contact's waiting reply, locked until the transaction ends."""
+    row = await conn.fetchrow(
+        f"SELECT {_PENDING_COLUMNS} FROM pending_replies WHERE phone = $1 FOR UPDATE", phone
+    )
+    return _pending(row) if row else None
+
+
+async def save_pending(conn: asyncpg.Connection, pending: PendingRow) -> None:
+    r = pending.reply
+    await conn.execute(
+        """INSERT INTO pending_replies (phone, inbound_ids, due_at, correlation_id, causation_id)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (phone) DO UPDATE SET inbound_ids = excluded.inbound_ids, due_at = excluded.due_at,
+               correlation_id = excluded.correlation_id, causation_id = excluded.causation_id""",
+        r.phone,
+        list(r.inbound_ids),
+        r.due_at,
+        pending.correlation_id,
+        pending.causation_id,
+    )
+
+
+async def delete_pending(conn: asyncpg.Connection, phone: str) -> bool:
+    status: str = await conn.execute("DELETE FROM pending_replies WHERE phone = $1", phone)
+    return status.endswith(" 1")
+
+
+async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[PendingRow]:
+    """Due rows, locked; rows another replica is emitting right now are skipped, not waited for."""
+    rows = await conn.fetch(
+        f"""SELECT {_PENDING_COLUMNS} FROM pending_replies WHERE due_at <= $1
+            ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+        now,
+        limit,
+    )
+    return [_pending(r) for r in rows]
+
+
+async def pending_summary(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, datetime | None]:
+    """How many replies wait, and the earliest due time."""
+    row = await conn.fetchrow("SELECT count(*) AS n, min(due_at) AS due FROM pending_replies")
+    assert row is not None
+    return int(row["n"]), row["due"]

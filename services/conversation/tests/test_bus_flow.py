@@ -1,0 +1,182 @@
+"""Through real JetStream: an inbound event in, a ReplyRequested out (via the relay), history API."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import nats
+import pytest
+from nats.aio.msg import Msg
+from orbion_common.bus import Bus, Delivery
+from orbion_common.events import Event, ReplyRequested, decode
+from orbion_conversation import consumers
+from orbion_conversation.app import create_app
+from orbion_conversation.bootstrap import Service, app_deps, build
+from orbion_conversation.consumers import Deps
+from orbion_conversation.domain import MessageItem
+from orbion_conversation.settings import Settings
+from redis.asyncio import Redis
+
+from .builders import generated, inbound, new_phone, sent
+
+
+@pytest.fixture
+async def service(
+    pool: asyncpg.Pool, schema: str, redis: Redis, nats_test_url: str, redis_test_url: str
+) -> AsyncIterator[Service]:
+    settings = Settings(
+        nats_url=nats_test_url,
+        redis_url=redis_test_url,
+        reply_quiet_period_seconds=0.2,
+        conversation_scheduler_poll_seconds=0.05,
+    )
+    bus = await Bus.connect(settings, name="conversation-test")
+    durable = f"conversation-test-{uuid.uuid4().hex[:8]}"
+    svc = build(
+        settings,
+        pool,
+        schema=schema,
+        redis=redis,
+        bus=bus,
+        cache_prefix=f"test:{schema}:h",
+        consumer_name=durable,
+    )
+    svc.start(durable, deliver_new_only=True)
+    for _ in range(100):  # the consumer binds in the background; only new events reach it
+        try:
+            await bus.js.consumer_info(settings.stream_name, durable)
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    yield svc
+    await svc.stop()
+    nc = await nats.connect(nats_test_url)
+    try:
+        await nc.jetstream().delete_consumer(settings.stream_name, durable)
+    finally:
+        await nc.close()
+
+
+async def wait_for(predicate: object, tries: int = 100, delay: float = 0.05) -> None:
+    for _ in range(tries):
+        if await predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(delay)
+    raise AssertionError("condition not met in time")
+
+
+async def test_inbound_on_the_bus_becomes_history_and_one_published_reply_request(
+    service: Service, nats_test_url: str
+) -> None:
+    assert service.bus is not None
+    phone = new_phone()
+    seen: list[ReplyRequested] = []
+    nc = await nats.connect(nats_test_url)
+
+    async def collect(msg: Msg) -> None:
+        event = decode(msg.data)
+        if isinstance(event, ReplyRequested) and event.stream_id == phone:
+            seen.append(event)
+
+    await nc.subscribe("orbion.events.ReplyRequested.*", cb=collect)
+    try:
+        first = inbound(phone, f"wamid.{uuid.uuid4().hex}", "Oi")
+        await service.bus.publish(first)
+        await service.bus.publish(first, msg_id=uuid.uuid4().hex)  # a duplicate past the dedupe window
+        await service.bus.publish(inbound(phone, f"wamid.{uuid.uuid4().hex}", "quanto custa?", seconds=1))
+
+        async def one_request() -> bool:
+            return len(seen) >= 1
+
+        await wait_for(one_request)
+        await asyncio.sleep(0.4)  # a second request would have been published by now
+        assert len(seen) == 1
+        assert seen[0].payload.text == "Oi\nquanto custa?"
+
+        # the llm-proxy answers; the reply shows up in the history API with direction "out".
+        # (A real llm-proxy on the shared test NATS may answer the request too: own key here.)
+        key = f"test-{uuid.uuid4().hex}"
+        await service.bus.publish(generated(phone, key, "Olá! O plano custa R$ 99."))
+        await service.bus.publish(sent(phone, key, f"wamid.{uuid.uuid4().hex}", "Olá! O plano custa R$ 99."))
+        app = create_app(service.settings, app_deps(service))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+
+            async def reply_visible() -> bool:
+                r = await http.get(f"/api/conversations/{phone}/messages")
+                return r.status_code == 200 and any(
+                    m["reply_key"] == key and m["status"] == "sent" for m in r.json()["messages"]
+                )
+
+            await wait_for(reply_visible)
+            body = (await http.get(f"/api/conversations/{phone}/messages")).json()
+        lines = [(m["direction"], m["text"], m["status"]) for m in body["messages"]]
+        [ours] = [m for m in body["messages"] if m["reply_key"] == key]
+        assert (ours["direction"], ours["text"], ours["status"]) == (
+            "out",
+            "Olá! O plano custa R$ 99.",
+            "sent",
+        )
+        assert [line for line in lines if line[0] == "in"] == [
+            ("in", "quanto custa?", "received"),
+            ("in", "Oi", "received"),
+        ]
+    finally:
+        await nc.close()
+
+
+async def test_a_crash_between_commit_and_ack_is_redelivered_without_a_second_effect(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert service.bus is not None
+    history = service.deps.ctx.history
+    real_write = history.write_through
+    crashes: list[str] = []
+    phone = new_phone()
+
+    async def crash_once(who: str, version: int, items: list[MessageItem]) -> None:
+        if who == phone and not crashes:
+            crashes.append(who)
+            raise ConnectionError("killed after commit, before ack")
+        await real_write(who, version, items)
+
+    monkeypatch.setattr(history, "write_through", crash_once)
+    outcomes: list[str] = []
+    real_record = consumers.record_event
+
+    async def observed(deps: Deps, event: Event, delivery: Delivery | None = None) -> str:
+        try:
+            outcome: str = await real_record(deps, event, delivery)
+        except ConnectionError:
+            outcome = "crashed"
+            raise
+        finally:
+            if event.stream_id == phone and event.type == "MessageReceived":
+                outcomes.append(outcome)
+        return outcome
+
+    monkeypatch.setattr(consumers, "record_event", observed)
+    await service.bus.publish(inbound(phone, f"wamid.{uuid.uuid4().hex}", "Oi"))
+
+    async def redelivered_and_requested() -> bool:
+        async with service.pool.acquire() as conn:
+            stream = await service.deps.ctx.store.load_stream(conn, phone)
+        return len(outcomes) == 2 and any(s.event.type == "ReplyRequested" for s in stream)
+
+    await wait_for(redelivered_and_requested, tries=60)
+    await asyncio.sleep(0.3)  # the redelivery has been handled (50 ms nak delay) by now
+    async with service.pool.acquire() as conn:
+        stream = await service.deps.ctx.store.load_stream(conn, phone)
+        processed = await conn.fetchval(
+            "SELECT count(*) FROM processed WHERE event_id = $1", stream[0].event.event_id
+        )
+    assert [s.event.type for s in stream] == ["MessageReceived", "ReplyRequested"]
+    assert processed == 1
+    assert outcomes == ["crashed", "duplicate"]  # redelivered, and the redelivery changed nothing
+    cached = await history.cache.peek(phone)  # the redelivery wrote the cache the crash skipped
+    assert cached is not None and [m.text for m in cached.value] == ["Oi"]
+    page = await history.page(phone, 20, None)
+    assert page is not None and len(page) == 1
