@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+import pytest_asyncio
 
 from orbion_common.cli.webhooks import cloud_text_webhook, sign
 
@@ -24,8 +25,9 @@ APP_SECRET = "test-app-secret"
 API_KEY = "test-api-key"
 
 
-@pytest.fixture
-async def system(nats_url, database_url, redis_url, tmp_path):
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def system(nats_url, database_url, redis_url, tmp_path_factory):
+    """One running system for the module: each test writes from its own phone number."""
     db = f"sys_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(database_url)
     await admin.execute(f'CREATE DATABASE "{db}"')
@@ -34,7 +36,7 @@ async def system(nats_url, database_url, redis_url, tmp_path):
         nats_url=nats_url,
         database_url=database_url.rsplit("/", 1)[0] + f"/{db}",
         redis_url=redis_url,
-        workdir=tmp_path,
+        workdir=tmp_path_factory.mktemp("system"),
         extra_env={
             "ORBION_STREAM_NAME": f"SYS{uuid.uuid4().hex[:8]}".upper(),
             "ORBION_WHATSAPP_APP_SECRET": APP_SECRET,

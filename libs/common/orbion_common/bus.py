@@ -6,7 +6,9 @@ Owns the delivery policy every service shares, stated here once:
   lets JetStream drop duplicates inside its window; W3C trace context rides in the headers.
   Subjects: ``<root>.events.<Type>.<partition>`` and ``<root>.dlq.<durable>``, where ``root`` is
   the stream name lowercased (``orbion`` by default).
-- A consumer acks a message only after its handler returned. A handler that raises gets the
+- A consumer acks a message only after its handler returned. ``ack_wait`` is short, so that a
+  crashed consumer's messages are redelivered within seconds; while a batch is in hand the bus
+  sends "in progress" so that slow handlers are not redelivered under their own feet. A handler that raises gets the
   message nakked with a growing delay (``ConsumerSpec.nak_delays``); on the last allowed delivery
   the message is republished to ``orbion.dlq.<durable>`` with the error, then termed.
   Bytes that are not an event are dead-lettered at once: retrying cannot fix them.
@@ -107,7 +109,7 @@ class ConsumerSpec:
     durable: str
     event_types: tuple[str, ...]
     max_deliver: int = 5
-    ack_wait_seconds: float = 30.0
+    ack_wait_seconds: float = 10.0
     nak_delays: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0)
     batch_size: int = 64
     deliver_new_only: bool = False
@@ -351,7 +353,22 @@ class Bus:
                 await msg.ack()
                 continue
             by_stream.setdefault(event.stream_id, []).append((event, msg))
-        await asyncio.gather(*(self._handle_in_order(spec, handler, items) for items in by_stream.values()))
+        pending = [msg for items in by_stream.values() for _, msg in items]
+        heartbeat = asyncio.create_task(self._keep_in_progress(spec, pending))
+        try:
+            await asyncio.gather(*(self._handle_in_order(spec, handler, items) for items in by_stream.values()))
+        finally:
+            heartbeat.cancel()
+
+    async def _keep_in_progress(self, spec: ConsumerSpec, msgs: list[Msg]) -> None:
+        # A short ack_wait makes a crashed consumer's messages come back soon; while this
+        # process is alive and busy with a batch, it tells the server the batch is still in hand.
+        while True:
+            await asyncio.sleep(spec.ack_wait_seconds / 3)
+            for msg in msgs:
+                if not msg.is_acked:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
 
     async def _handle_in_order(
         self, spec: ConsumerSpec, handler: Handler, items: list[tuple[Event, Msg]]

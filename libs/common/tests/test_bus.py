@@ -198,3 +198,17 @@ async def test_a_consumer_only_hands_its_own_event_types_to_its_handler(bus, uni
     await bus.publish(status)
     await bus.publish(inbound("5511", 1))
     await wait_for(lambda: seen == ["MessageReceived"])
+
+
+async def test_a_handler_slower_than_ack_wait_is_not_redelivered_while_it_works(bus, unique):
+    deliveries: list[int] = []
+
+    async def slow(event, delivery):
+        deliveries.append(delivery.num_delivered)
+        await asyncio.sleep(2.5)
+
+    bus.consume(ConsumerSpec(durable=f"slow{unique}", event_types=("MessageReceived",), ack_wait_seconds=1.0), slow)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: deliveries == [1])
+    await asyncio.sleep(3.5)
+    assert deliveries == [1]

@@ -37,7 +37,7 @@ def consumer_spec(durable: str = "conversation", batch_size: int = 64, max_deliv
         durable=durable,
         event_types=CONSUMED_TYPES,
         max_deliver=max_deliver,
-        ack_wait_seconds=30.0,
+        ack_wait_seconds=10.0,
         nak_delays=(0.05, 0.2, 1.0, 5.0, 15.0),
         batch_size=batch_size,
     )

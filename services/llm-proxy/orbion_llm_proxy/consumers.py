@@ -52,7 +52,7 @@ def consumer_specs(
         )  # fmt: skip
 
     return {
-        "replies": spec("replies", "ReplyRequested", ack_wait_seconds=90.0, batch_size=128),
+        "replies": spec("replies", "ReplyRequested", ack_wait_seconds=15.0, batch_size=128),
         "verification": spec("verification", "HumanVerificationRequested"),
         "exports": spec("sheets", "LeadChanged", batch_size=256),
     }
