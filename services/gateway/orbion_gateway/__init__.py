@@ -1,0 +1,1 @@
+"""ORBION gateway: WhatsApp webhooks in, verified, rate limited and published as events."""
