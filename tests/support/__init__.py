@@ -1,0 +1,1 @@
+"""Shared test support: real NATS, PostgreSQL and Redis for pytest sessions (see ``servers``)."""
