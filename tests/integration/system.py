@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
 from orbion_common.settings import SERVICES
 
 
@@ -98,7 +97,7 @@ class System:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    async def wait_ready(self, names: Iterable[str] | None = None, timeout: float = 60.0) -> None:
+    async def wait_ready(self, names: Iterable[str] | None = None, timeout: float = 60.0) -> None:  # noqa: ASYNC109
         pending = set(names or self.services)
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(timeout=2.0) as client:
@@ -106,7 +105,9 @@ class System:
                 for name in list(pending):
                     proc = self.procs.get(name)
                     if proc is not None and proc.poll() is not None:
-                        raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.logs(name)[-3000:]}")
+                        raise AssertionError(
+                            f"{name} exited with {proc.returncode}:\n{self.logs(name)[-3000:]}"
+                        )
                     try:
                         if (await client.get(self.url(name) + "/readyz")).status_code == 200:
                             pending.discard(name)

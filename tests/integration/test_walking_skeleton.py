@@ -16,7 +16,6 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
-
 from orbion_common.cli.webhooks import cloud_text_webhook, sign
 
 from .system import System
@@ -60,7 +59,9 @@ def new_phone() -> str:
     return "55119" + str(uuid.uuid4().int)[:8]
 
 
-async def post_webhook(client: httpx.AsyncClient, system: System, phone: str, text: str, message_id: str) -> None:
+async def post_webhook(
+    client: httpx.AsyncClient, system: System, phone: str, text: str, message_id: str
+) -> None:
     body = orjson.dumps(cloud_text_webhook(phone, text, message_id=message_id, profile_name="Maria"))
     response = await client.post(
         system.url("gateway") + "/webhooks/whatsapp",
@@ -82,8 +83,8 @@ async def history(client: httpx.AsyncClient, system: System, phone: str) -> list
     return list(response.json()["messages"])
 
 
-async def wait_for_reply(client: httpx.AsyncClient, system: System, phone: str, timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
+async def wait_for_reply(client: httpx.AsyncClient, system: System, phone: str, within: float) -> list[dict]:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             messages = await history(client, system, phone)
@@ -92,7 +93,7 @@ async def wait_for_reply(client: httpx.AsyncClient, system: System, phone: str, 
         if any(m["direction"] == "out" for m in messages):
             return messages
         await asyncio.sleep(0.1)
-    raise AssertionError(f"no reply for {phone} within {timeout}s")
+    raise AssertionError(f"no reply for {phone} within {within}s")
 
 
 async def outbox_count(client: httpx.AsyncClient, system: System, phone: str) -> int:
@@ -108,7 +109,7 @@ async def test_a_signed_webhook_gets_one_fallback_reply_in_history(system):
     phone = new_phone()
     async with httpx.AsyncClient(timeout=5) as client:
         await post_webhook(client, system, phone, "Olá, quanto custa?", "wamid.skeleton1")
-        messages = await wait_for_reply(client, system, phone, timeout=15)
+        messages = await wait_for_reply(client, system, phone, within=15)
         # Meta retries the same webhook: nothing new happens.
         await post_webhook(client, system, phone, "Olá, quanto custa?", "wamid.skeleton1")
         await asyncio.sleep(1.5)
@@ -130,7 +131,7 @@ async def test_a_service_killed_right_after_the_ack_loses_nothing_and_replies_on
         await asyncio.sleep(0.5)
         system.start([victim])
         await system.wait_ready([victim])
-        messages = await wait_for_reply(client, system, phone, timeout=30)
+        messages = await wait_for_reply(client, system, phone, within=30)
         await asyncio.sleep(1.5)  # room for a duplicate to show up, if one were coming
         messages = await history(client, system, phone)
         assert [m["direction"] for m in messages].count("in") == 1

@@ -8,9 +8,10 @@ Owns the delivery policy every service shares, stated here once:
   the stream name lowercased (``orbion`` by default).
 - A consumer acks a message only after its handler returned. ``ack_wait`` is short, so that a
   crashed consumer's messages are redelivered within seconds; while a batch is in hand the bus
-  sends "in progress" so that slow handlers are not redelivered under their own feet. A handler that raises gets the
-  message nakked with a growing delay (``ConsumerSpec.nak_delays``); on the last allowed delivery
-  the message is republished to ``orbion.dlq.<durable>`` with the error, then termed.
+  sends "in progress" so that slow handlers are not redelivered under their own feet.
+  A handler that raises gets the message nakked with a growing delay (``ConsumerSpec.nak_delays``);
+  on the last allowed delivery the message is republished to ``<root>.dlq.<durable>`` with the
+  error, then termed.
   Bytes that are not an event are dead-lettered at once: retrying cannot fix them.
 - Within a fetched batch, events of one ``stream_id`` run one after the other, in order; other
   streams run concurrently. If one fails, the later events of its stream in that batch are
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -65,7 +67,9 @@ DUPLICATES = Counter("orbion_bus_duplicates_total", "Publishes JetStream dropped
 HANDLED = Counter(
     "orbion_bus_handled_total", "Messages handled by consumers, by outcome", ["consumer", "outcome"]
 )
-DEAD_LETTERS = Counter("orbion_bus_dead_letters_total", "Messages sent to a dead-letter subject", ["consumer"])
+DEAD_LETTERS = Counter(
+    "orbion_bus_dead_letters_total", "Messages sent to a dead-letter subject", ["consumer"]
+)
 HANDLER_SECONDS = Histogram(
     "orbion_bus_handler_duration_seconds",
     "Time spent in a consumer's handler",
@@ -263,7 +267,10 @@ class Bus:
             with PUBLISH_SECONDS.time():
                 try:
                     ack = await self.js.publish(
-                        subject_for(event, self.root), encode(event), timeout=self.publish_timeout, headers=headers
+                        subject_for(event, self.root),
+                        encode(event),
+                        timeout=self.publish_timeout,
+                        headers=headers,
                     )
                 except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                     raise BusUnavailable(f"publish of {event.type} not acknowledged: {exc!r}") from exc
@@ -290,8 +297,15 @@ class Bus:
 
     async def publish_dead_letter(self, durable: str, data: bytes, error: str, **extra: str) -> None:
         """Keep bytes nobody could handle, with the reason, for an operator to inspect."""
-        headers = {"Orbion-Error": error[:1000], **{f"Orbion-{k}": v for k, v in extra.items()}}
-        await self.js.publish(dlq_subject(durable, self.root), data, timeout=self.publish_timeout, headers=headers)
+        headers = {
+            "Orbion-Error": error[:1000],
+            # The same bytes dead-lettered again (a webhook retried after a 503) are kept once.
+            "Nats-Msg-Id": f"{durable}:{hashlib.sha256(data).hexdigest()}",
+            **{f"Orbion-{k}": v for k, v in extra.items()},
+        }
+        await self.js.publish(
+            dlq_subject(durable, self.root), data, timeout=self.publish_timeout, headers=headers
+        )
         DEAD_LETTERS.labels(durable).inc()
 
     # -- consuming --------------------------------------------------------------------------
@@ -305,7 +319,9 @@ class Bus:
         await self.provision()
         version = self.nc.connected_server_version
         multi_filter = (version.major, version.minor) >= (2, 10)
-        await self.js.add_consumer(self.settings.stream_name, spec.consumer_config(self.root, multi_filter=multi_filter))
+        await self.js.add_consumer(
+            self.settings.stream_name, spec.consumer_config(self.root, multi_filter=multi_filter)
+        )
         return await self.js.pull_subscribe_bind(durable=spec.durable, stream=self.settings.stream_name)
 
     async def _consume_forever(self, spec: ConsumerSpec, handler: Handler) -> None:
@@ -356,7 +372,9 @@ class Bus:
         pending = [msg for items in by_stream.values() for _, msg in items]
         heartbeat = asyncio.create_task(self._keep_in_progress(spec, pending))
         try:
-            await asyncio.gather(*(self._handle_in_order(spec, handler, items) for items in by_stream.values()))
+            await asyncio.gather(
+                *(self._handle_in_order(spec, handler, items) for items in by_stream.values())
+            )
         finally:
             heartbeat.cancel()
 
@@ -384,16 +402,19 @@ class Bus:
         headers = dict(msg.headers or {})
         num_delivered = msg.metadata.num_delivered
         delivery = Delivery(num_delivered=num_delivered, subject=msg.subject, headers=headers, _msg=msg)
-        with tracer.start_as_current_span(
-            f"process {event.type}",
-            context=propagate.extract(headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.consumer": spec.durable,
-                "orbion.event_type": event.type,
-                "orbion.correlation_id": event.correlation_id,
-            },
-        ) as span, HANDLER_SECONDS.labels(spec.durable).time():
+        with (
+            tracer.start_as_current_span(
+                f"process {event.type}",
+                context=propagate.extract(headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.consumer": spec.durable,
+                    "orbion.event_type": event.type,
+                    "orbion.correlation_id": event.correlation_id,
+                },
+            ) as span,
+            HANDLER_SECONDS.labels(spec.durable).time(),
+        ):
             try:
                 await handler(event, delivery)
             except asyncio.CancelledError:
@@ -403,13 +424,21 @@ class Bus:
                 if num_delivered >= spec.max_deliver:
                     log.error(
                         "consumer %s gives up on %s %s after %d deliveries: %r",
-                        spec.durable, event.type, event.event_id, num_delivered, exc,
+                        spec.durable,
+                        event.type,
+                        event.event_id,
+                        num_delivered,
+                        exc,
                     )
                     await self._dead_letter(spec, msg, repr(exc))
                 else:
                     log.warning(
                         "consumer %s failed on %s %s (delivery %d): %r",
-                        spec.durable, event.type, event.event_id, num_delivered, exc,
+                        spec.durable,
+                        event.type,
+                        event.event_id,
+                        num_delivered,
+                        exc,
                     )
                     await msg.nak(delay=spec.nak_delay(num_delivered))
                     HANDLED.labels(spec.durable, "nak").inc()
@@ -431,7 +460,9 @@ class Bus:
         if not self.nc.is_connected:
             raise BusUnavailable("not connected to NATS")
         info = await self.js.stream_info(self.settings.stream_name)
-        return f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'} ({info.state.messages} msgs)"
+        return (
+            f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'} ({info.state.messages} msgs)"
+        )
 
     async def consumer_lag(self) -> dict[str, Any]:
         """Pending messages per durable consumer of the event stream."""

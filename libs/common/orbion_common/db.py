@@ -19,7 +19,10 @@ async def create_pool(settings: CommonSettings, *, service: str) -> asyncpg.Pool
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         command_timeout=30,
-        server_settings={"search_path": f"{schema_of(service)},public", "application_name": f"orbion-{service}"},
+        server_settings={
+            "search_path": f"{schema_of(service)},public",
+            "application_name": f"orbion-{service}",
+        },
     )
     assert pool is not None
     return pool

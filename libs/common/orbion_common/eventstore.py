@@ -107,7 +107,9 @@ class EventStore:
         self._sql_claim = (
             f"INSERT INTO {s}.processed (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
         )
-        self._sql_checkpoint = f"SELECT tx_id::text::bigint AS tx_id, position FROM {s}.checkpoints WHERE name = $1"
+        self._sql_checkpoint = (
+            f"SELECT tx_id::text::bigint AS tx_id, position FROM {s}.checkpoints WHERE name = $1"
+        )
         self._sql_save_checkpoint = (
             f"INSERT INTO {s}.checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) "
             f"ON CONFLICT (name) DO UPDATE SET tx_id = excluded.tx_id, position = excluded.position, "
@@ -132,9 +134,7 @@ class EventStore:
             raise ValueError("every event must belong to the stream it is appended to")
         current = await conn.fetchval(self._sql_version, stream_id)
         if expected_version is not None and current != expected_version:
-            raise ConcurrencyError(
-                f"stream {stream_id} is at version {current}, expected {expected_version}"
-            )
+            raise ConcurrencyError(f"stream {stream_id} is at version {current}, expected {expected_version}")
         ids = [e.event_id for e in events]
         existing = {r["event_id"] for r in await conn.fetch(self._sql_existing, ids)} if ids else set()
         fresh = [e for e in events if e.event_id not in existing]
@@ -173,7 +173,9 @@ class EventStore:
         """Committed events in position order, for replays and rebuilds that read the whole log."""
         return [_stored(r) for r in await conn.fetch(self._sql_all, after_position, limit)]
 
-    async def read_after(self, conn: asyncpg.Connection, cursor: Cursor, *, limit: int = 500) -> list[StoredEvent]:
+    async def read_after(
+        self, conn: asyncpg.Connection, cursor: Cursor, *, limit: int = 500
+    ) -> list[StoredEvent]:
         """Events after ``cursor`` that no running transaction can still precede, in log order.
 
         Following the log with this never skips an event, however late its transaction commits.

@@ -51,7 +51,7 @@ async def _migrate(conn: asyncpg.Connection, schema: str, service_migrations: Pa
             if path.name in done:
                 continue
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL search_path TO \"{schema}\", public")
+                await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
                 await conn.execute(path.read_text())
                 await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)', path.name)
             applied.append(path.name)

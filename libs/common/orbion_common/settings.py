@@ -46,8 +46,16 @@ class CommonSettings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Structured JSON logs; false for plain text.")
     otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint, e.g. the monitor's /v1/traces.")
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of messages whose traces are recorded (decided at the gateway).",
+    )
     stream_name: str = Field("ORBION", description="JetStream stream that carries the events.")
-    stream_replicas: int = Field(1, description="JetStream replicas of the ORBION streams (3 on a 3-node cluster).")
+    stream_replicas: int = Field(
+        1, description="JetStream replicas of the ORBION streams (3 on a 3-node cluster)."
+    )
     stream_max_age_days: int = Field(7, description="How long JetStream keeps events.")
     duplicate_window_seconds: int = Field(
         120, description="JetStream dedupe window for `Nats-Msg-Id` (the event stores dedupe for ever)."

@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from orbion_common.settings import CommonSettings
 
@@ -62,7 +63,10 @@ def setup_telemetry(service: str, settings: CommonSettings) -> None:
     with _lock:
         if _provider is None:
             resource = Resource.create({SERVICE_NAME: f"orbion-{service}", "orbion.service": service})
-            provider = TracerProvider(resource=resource)
+            # Parent-based: a message's trace is sampled (or not) once, at the gateway, and every
+            # service follows that decision, so sampled traces stay whole.
+            sampler = ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+            provider = TracerProvider(resource=resource, sampler=sampler)
             trace.set_tracer_provider(provider)
             # set_tracer_provider refuses to replace a provider installed by someone else
             # (e.g. opentelemetry-instrument); keep using theirs rather than a dead one.

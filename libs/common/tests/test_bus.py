@@ -4,7 +4,6 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-
 from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
@@ -37,8 +36,8 @@ async def bus(nats_url, unique):
     await cleanup.close()
 
 
-async def wait_for(predicate, timeout=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate, within=5.0):
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
@@ -72,7 +71,9 @@ async def test_a_failing_handler_gets_the_event_again_and_it_is_acked_once_handl
             raise RuntimeError("database hiccup")
         done.set()
 
-    bus.consume(ConsumerSpec(durable=f"flaky{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), flaky)
+    bus.consume(
+        ConsumerSpec(durable=f"flaky{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), flaky
+    )
     await bus.publish(inbound("5511", 1))
     await asyncio.wait_for(done.wait(), 5)
     assert attempts == [1, 2, 3]
@@ -88,7 +89,10 @@ async def test_after_max_deliveries_the_event_is_dead_lettered_with_its_error(bu
     async def broken(event, delivery):
         raise ValueError("cannot handle this one")
 
-    bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",), max_deliver=3, nak_delays=(0.05,)), broken)
+    bus.consume(
+        ConsumerSpec(durable=durable, event_types=("MessageReceived",), max_deliver=3, nak_delays=(0.05,)),
+        broken,
+    )
     event = inbound("5511", 1)
     await bus.publish(event)
     dlq = f"{bus.settings.stream_name}_DLQ"
@@ -97,7 +101,10 @@ async def test_after_max_deliveries_the_event_is_dead_lettered_with_its_error(bu
         assert asyncio.get_running_loop().time() < deadline, "nothing dead-lettered"
         await asyncio.sleep(0.05)
     msg = await bus.js.get_last_msg(dlq, dlq_subject(durable, bus.root))
-    assert msg.data == (await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.MessageReceived.>")).data
+    assert (
+        msg.data
+        == (await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.MessageReceived.>")).data
+    )
     assert "cannot handle this one" in msg.headers["Orbion-Error"]
 
 
@@ -109,7 +116,9 @@ async def test_bytes_that_are_not_an_event_are_dead_lettered_at_once(bus, unique
         handled.append(event)
 
     bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",)), handler)
-    await bus.js.publish(f"{bus.root}.events.MessageReceived.3", b"{not json", stream=bus.settings.stream_name)
+    await bus.js.publish(
+        f"{bus.root}.events.MessageReceived.3", b"{not json", stream=bus.settings.stream_name
+    )
     await bus.publish(inbound("5511", 2))
     await wait_for(lambda: len(handled) == 1)
     dlq = f"{bus.settings.stream_name}_DLQ"
@@ -129,7 +138,9 @@ async def test_events_of_one_contact_are_handled_in_order_even_when_one_fails_on
         seen.append(n)
 
     await bus.publish_all([inbound("5511", n) for n in range(1, 6)])
-    bus.consume(ConsumerSpec(durable=f"order{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), handler)
+    bus.consume(
+        ConsumerSpec(durable=f"order{unique}", event_types=("MessageReceived",), nak_delays=(0.05,)), handler
+    )
     await wait_for(lambda: len(seen) == 5)
     assert seen == [1, 2, 3, 4, 5]
 
@@ -150,12 +161,14 @@ async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving
     await bus.publish(inbound("5511", 2))
     # The new durable starts from the beginning of the stream: message 1 comes again (handlers
     # are idempotent), and message 2 is not lost.
-    await wait_for(lambda: "message 2" in received, timeout=15)
+    await wait_for(lambda: "message 2" in received, within=15)
     assert received[0] == "message 1"
 
 
 async def test_two_systems_on_one_server_do_not_see_each_others_events(bus, nats_url, unique):
-    other = await Bus.connect(CommonSettings(nats_url=nats_url, stream_name=f"O{unique}".upper()), name="other")
+    other = await Bus.connect(
+        CommonSettings(nats_url=nats_url, stream_name=f"O{unique}".upper()), name="other"
+    )
     try:
         await bus.publish(inbound("5511", 1))
         await other.publish(inbound("5511", 2))
@@ -175,7 +188,10 @@ def test_on_a_server_without_multi_subject_filters_a_consumer_takes_the_whole_st
     ]
     assert spec.consumer_config("orbion", multi_filter=False).filter_subject == "orbion.events.>"
     single = ConsumerSpec(durable="d", event_types=("ReplyRequested",))
-    assert single.consumer_config("orbion", multi_filter=False).filter_subject == "orbion.events.ReplyRequested.*"
+    assert (
+        single.consumer_config("orbion", multi_filter=False).filter_subject
+        == "orbion.events.ReplyRequested.*"
+    )
 
 
 async def test_a_consumer_only_hands_its_own_event_types_to_its_handler(bus, unique):
@@ -191,7 +207,10 @@ async def test_a_consumer_only_hands_its_own_event_types_to_its_handler(bus, uni
     status = MessageStatusChanged.create(
         "5511",
         MessageStatusChangedPayload(
-            provider="cloud_api", provider_message_id="wamid.9", phone="5511", status="read",
+            provider="cloud_api",
+            provider_message_id="wamid.9",
+            phone="5511",
+            status="read",
             changed_at=datetime.now(UTC),
         ),
     )
@@ -207,7 +226,9 @@ async def test_a_handler_slower_than_ack_wait_is_not_redelivered_while_it_works(
         deliveries.append(delivery.num_delivered)
         await asyncio.sleep(2.5)
 
-    bus.consume(ConsumerSpec(durable=f"slow{unique}", event_types=("MessageReceived",), ack_wait_seconds=1.0), slow)
+    bus.consume(
+        ConsumerSpec(durable=f"slow{unique}", event_types=("MessageReceived",), ack_wait_seconds=1.0), slow
+    )
     await bus.publish(inbound("5511", 1))
     await wait_for(lambda: deliveries == [1])
     await asyncio.sleep(3.5)

@@ -13,14 +13,18 @@ def inbound(n: int) -> MessageReceived:
     return MessageReceived.create(
         "5511",
         MessageReceivedPayload(
-            provider="cloud_api", provider_message_id=f"wamid.{n}", phone="5511", kind="text",
-            text=f"message {n}", sent_at=datetime.now(UTC),
+            provider="cloud_api",
+            provider_message_id=f"wamid.{n}",
+            phone="5511",
+            kind="text",
+            text=f"message {n}",
+            sent_at=datetime.now(UTC),
         ),
     )
 
 
-async def publish_until_acked(bus: Bus, event: MessageReceived, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def publish_until_acked(bus: Bus, event: MessageReceived, within: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         try:
             await bus.publish(event)

@@ -1,7 +1,6 @@
 from datetime import UTC, datetime
 
 import pytest
-
 from orbion_common.events import (
     EVENT_TYPES,
     MessageReceived,
@@ -40,7 +39,9 @@ def test_caused_events_share_the_correlation_id_and_name_their_cause():
     first = inbound()
     reply = ReplyRequested.create(
         first.stream_id,
-        ReplyRequestedPayload(reply_key="k", phone=first.stream_id, inbound_message_ids=["wamid.1"], text="x"),
+        ReplyRequestedPayload(
+            reply_key="k", phone=first.stream_id, inbound_message_ids=["wamid.1"], text="x"
+        ),
         cause=first,
     )
     assert reply.correlation_id == first.event_id
@@ -74,5 +75,7 @@ def test_every_event_type_is_documented():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[3] / "docs" / "events.md").read_text()
-    undocumented = [cls.__name__ for cls in EVENT_TYPES if cls.__name__.removeprefix("HumanVerification") not in doc]
+    undocumented = [
+        cls.__name__ for cls in EVENT_TYPES if cls.__name__.removeprefix("HumanVerification") not in doc
+    ]
     assert undocumented == []

@@ -5,7 +5,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-
 from orbion_common.bus import Bus
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
@@ -19,8 +18,12 @@ def inbound(phone: str, n: int) -> MessageReceived:
     return MessageReceived.create(
         phone,
         MessageReceivedPayload(
-            provider="cloud_api", provider_message_id=f"wamid.{n}", phone=phone, kind="text",
-            text=f"message {n}", sent_at=datetime.now(UTC),
+            provider="cloud_api",
+            provider_message_id=f"wamid.{n}",
+            phone=phone,
+            kind="text",
+            text=f"message {n}",
+            sent_at=datetime.now(UTC),
         ),
     )
 
@@ -96,7 +99,8 @@ async def test_a_relay_publishes_only_the_types_its_service_owns(parts):
     pool, store, bus = parts
     consumed = inbound("5511", 1)
     decided = ReplyRequested.create(
-        "5511", ReplyRequestedPayload(reply_key="k1", phone="5511", inbound_message_ids=["wamid.1"], text="oi"),
+        "5511",
+        ReplyRequestedPayload(reply_key="k1", phone="5511", inbound_message_ids=["wamid.1"], text="oi"),
         cause=consumed,
     )
     async with pool.acquire() as conn:

@@ -7,7 +7,7 @@ it to ``EVENT_TYPES`` below.
 
 from __future__ import annotations
 
-from typing import Annotated, TypeAlias, TypeVar, Union
+from typing import Annotated, TypeAlias, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -62,29 +62,27 @@ EVENT_TYPES: tuple[type[Envelope], ...] = (
 )
 
 Event: TypeAlias = Annotated[
-    Union[
-        MessageReceived,
-        MessageStatusChanged,
-        ReplyRequested,
-        ReplyGenerated,
-        MessageSent,
-        SendFailed,
-        LeadCreated,
-        LeadFieldsCaptured,
-        BantStageAdvanced,
-        LeadQualified,
-        LeadHandedOff,
-        LeadOptedOut,
-        LeadOptedIn,
-        ContactFlaggedAsBot,
-        HumanVerificationRequested,
-        HumanVerificationPassed,
-        HumanVerificationFailed,
-        ContactBlocked,
-        LeadChanged,
-        BreakerStateChanged,
-        LeadExported,
-    ],
+    MessageReceived
+    | MessageStatusChanged
+    | ReplyRequested
+    | ReplyGenerated
+    | MessageSent
+    | SendFailed
+    | LeadCreated
+    | LeadFieldsCaptured
+    | BantStageAdvanced
+    | LeadQualified
+    | LeadHandedOff
+    | LeadOptedOut
+    | LeadOptedIn
+    | ContactFlaggedAsBot
+    | HumanVerificationRequested
+    | HumanVerificationPassed
+    | HumanVerificationFailed
+    | ContactBlocked
+    | LeadChanged
+    | BreakerStateChanged
+    | LeadExported,
     Field(discriminator="type"),
 ]
 

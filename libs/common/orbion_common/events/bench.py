@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         "event_round_trip_us_max": round(max(samples), 2),
         "event_bytes": len(encode(typical_inbound())),
     }
-    print(f"event encode+decode round trip: median {figures['event_round_trip_us_median']} µs "
-          f"(min {figures['event_round_trip_us_min']}, max {figures['event_round_trip_us_max']}), "
-          f"{figures['event_bytes']} bytes; target < 20 µs")
+    print(
+        f"event encode+decode round trip: median {figures['event_round_trip_us_median']} µs "
+        f"(min {figures['event_round_trip_us_min']}, max {figures['event_round_trip_us_max']}), "
+        f"{figures['event_bytes']} bytes; target < 20 µs"
+    )
     if args.json:
         print(json.dumps(figures))
 
