@@ -91,32 +91,46 @@ def app_routes(service: str) -> set[tuple[str, str]]:
     assert spec is not None and spec.submodule_search_locations, f"{service} is not installed"
     routes: set[tuple[str, str]] = set()
 
+    constants: dict[str, str] = {}  # module-level NAME = "/path" of the package, e.g. WHATSAPP_PATH
+
     def path_of(call: ast.Call) -> str | None:
         first = call.args[0] if call.args else None
+        if isinstance(first, ast.Name):
+            first = ast.Constant(constants.get(first.id))
         if isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.startswith("/"):
             return first.value
         return None
 
-    for folder in spec.submodule_search_locations:
-        for source in Path(folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(source.read_text())):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    for deco in node.decorator_list:
-                        if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute):
-                            path = path_of(deco)
-                            if path and deco.func.attr in ("get", "post", "put", "patch", "delete"):
-                                routes.add((deco.func.attr.upper(), path))
-                if not isinstance(node, ast.Call):
-                    continue
-                func = node.func
-                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                if name == "create_service_app":
-                    routes |= {("GET", probe) for probe in PROBE_PATHS}
-                elif name == "add_api_route" and (path := path_of(node)):
-                    for kw in node.keywords:
-                        if kw.arg == "methods" and isinstance(kw.value, (ast.List, ast.Tuple)):
-                            routes |= {(str(m.value).upper(), path)
-                                       for m in kw.value.elts if isinstance(m, ast.Constant)}
+    trees = [
+        ast.parse(source.read_text())
+        for folder in spec.submodule_search_locations
+        for source in Path(folder).rglob("*.py")
+    ]
+    for tree in trees:
+        for stmt in tree.body:
+            if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant):
+                for target in stmt.targets:
+                    if isinstance(target, ast.Name) and isinstance(stmt.value.value, str):
+                        constants[target.id] = stmt.value.value
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for deco in node.decorator_list:
+                    if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute):
+                        path = path_of(deco)
+                        if path and deco.func.attr in ("get", "post", "put", "patch", "delete"):
+                            routes.add((deco.func.attr.upper(), path))
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name == "create_service_app":
+                routes |= {("GET", probe) for probe in PROBE_PATHS}
+            elif name == "add_api_route" and (path := path_of(node)):
+                for kw in node.keywords:
+                    if kw.arg == "methods" and isinstance(kw.value, (ast.List, ast.Tuple)):
+                        routes |= {(str(m.value).upper(), path)
+                                   for m in kw.value.elts if isinstance(m, ast.Constant)}
     return routes
 
 

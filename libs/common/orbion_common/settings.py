@@ -42,6 +42,13 @@ class CommonSettings(BaseSettings):
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Keys accepted in `X-API-Key` on `/api` routes (JSON list)."
     )
+    rate_limit_ip_per_minute: int = Field(
+        100, ge=1, description="Requests per client IP per minute (`/api`, unverified webhooks)."
+    )
+    rate_limit_api_key_per_minute: int = Field(
+        1000, ge=1, description="Requests per API key per minute on the `/api` routes of every service."
+    )
+    rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the shared rate limiter.")
     redis_key_prefix: str = Field("orbion:", description="Prefix of every Redis key ORBION writes.")
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Structured JSON logs; false for plain text.")

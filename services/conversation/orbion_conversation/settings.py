@@ -33,10 +33,3 @@ class Settings(CommonSettings):
     conversation_consumer_batch: int = Field(
         64, ge=1, description="Events fetched per batch by the conversation consumer."
     )
-    rate_limit_ip_per_minute: int = Field(
-        100, ge=1, description="Requests per client IP per minute on `/api` (shared with the gateway)."
-    )
-    rate_limit_api_key_per_minute: int = Field(
-        1000, ge=1, description="Requests per API key per minute on `/api` (shared with the gateway)."
-    )
-    rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the rate limiter.")

@@ -24,13 +24,9 @@ class Settings(CommonSettings):
     )
     evolution_api_key_header: str = Field("apikey", description="Header that carries the Evolution API key.")
     max_body_bytes: int = Field(3 * 1024 * 1024, description="Largest webhook body accepted (413 above).")
-    rate_limit_ip_per_minute: int = Field(
-        100, description="Requests per client IP per minute on public routes and unverified webhooks."
-    )
     rate_limit_phone_per_minute: int = Field(
         20, description="Inbound messages per phone per minute; more are published flagged `throttled`."
     )
-    rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the rate limiter.")
     publish_timeout_seconds: float = Field(
         5.0, description="Longest wait for JetStream's ack before the webhook is answered 503."
     )
