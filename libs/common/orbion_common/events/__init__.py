@@ -19,6 +19,7 @@ from .lead import (
     HumanVerificationFailed,
     HumanVerificationPassed,
     HumanVerificationRequested,
+    LeadActivityRecorded,
     LeadChanged,
     LeadCreated,
     LeadFieldsCaptured,
@@ -57,6 +58,7 @@ EVENT_TYPES: tuple[type[Envelope], ...] = (
     HumanVerificationFailed,
     ContactBlocked,
     LeadChanged,
+    LeadActivityRecorded,
     BreakerStateChanged,
     LeadExported,
 )
@@ -81,6 +83,7 @@ Event: TypeAlias = Annotated[
     | HumanVerificationFailed
     | ContactBlocked
     | LeadChanged
+    | LeadActivityRecorded
     | BreakerStateChanged
     | LeadExported,
     Field(discriminator="type"),
@@ -130,6 +133,7 @@ __all__ = [
     "HumanVerificationFailed",
     "HumanVerificationPassed",
     "HumanVerificationRequested",
+    "LeadActivityRecorded",
     "LeadChanged",
     "LeadCreated",
     "LeadExported",

@@ -1,0 +1,1 @@
+"""ORBION lead service: lead state, qualification, bot detection, opt-out and the lead API."""

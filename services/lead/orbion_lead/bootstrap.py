@@ -1,0 +1,160 @@
+"""Composition root of the lead service: Settings once, then pool, Redis, bus, store, cache,
+recorder, consumer, relay, verification timers and the HTTP app; graceful shutdown.
+
+Nothing connects at import time. Tests and the benchmark build a :class:`Service` with their
+own schema, durable name and cache prefix (``build``); ``main()`` is ``orbion serve lead``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+from orbion_common.bus import Bus, ConsumerSpec
+from orbion_common.db import create_pool
+from orbion_common.logging import configure_logging
+from orbion_common.migrations import migrate as migrate_schema
+from orbion_common.ratelimit import RateLimiter
+from orbion_common.relay import Relay
+from orbion_common.service import run, serve
+from orbion_common.telemetry import setup_telemetry, shutdown_telemetry
+from redis.asyncio import Redis
+
+from .app import SERVICE, Deps, build_app
+from .consumers import CONSUMER, LeadConsumers, consumer_spec
+from .recorder import LeadRecorder, lead_cache
+from .settings import Settings
+from .store import MIGRATIONS, SCHEMA, LeadStore
+
+log = logging.getLogger(__name__)
+
+
+async def migrate(settings: Settings, *, schema: str = SCHEMA) -> list[str]:
+    """Create or update the lead schema (event store, projection, timers); idempotent."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await migrate_schema(conn, schema, MIGRATIONS)
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Service:
+    settings: Settings
+    pool: asyncpg.Pool
+    store: LeadStore
+    recorder: LeadRecorder
+    consumers: LeadConsumers
+    redis: Redis | None = None
+    bus: Bus | None = None
+    relay: Relay | None = None
+    durable: str = CONSUMER
+    deliver_new_only: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def deps(self) -> Deps:
+        limiter = RateLimiter(self.redis, prefix=self.settings.rate_limit_prefix) if self.redis else None
+        return Deps(
+            pool=self.pool,
+            store=self.store,
+            recorder=self.recorder,
+            bus=self.bus,
+            redis=self.redis,
+            relay=self.relay,
+            limiter=limiter,
+        )
+
+    def consumer_spec(self) -> ConsumerSpec:
+        return consumer_spec(
+            durable=self.durable,
+            batch_size=self.settings.lead_consumer_batch,
+            max_deliver=self.settings.max_deliver,
+            deliver_new_only=self.deliver_new_only,
+        )
+
+    def start(self) -> None:
+        """Start the consumer (when a bus is given), the relay and the verification timers."""
+        if self.bus is not None:
+            self.bus.consume(self.consumer_spec(), self.consumers.handle)
+        if self.relay is not None:
+            self.tasks.append(asyncio.create_task(self.relay.run(), name="lead-relay"))
+        self.tasks.append(
+            asyncio.create_task(
+                self.recorder.run_timers(self._stop, poll_seconds=self.settings.lead_timer_poll_seconds),
+                name="lead-timers",
+            )
+        )
+
+    async def stop(self) -> None:
+        """Consumer first (in-flight handlers finish and ack), then timers and relay, then pools.
+
+        Events appended but not yet relayed stay in the store; the next start publishes them.
+        """
+        self._stop.set()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.tasks.clear()
+        await self.recorder.close()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        await self.pool.close()
+
+
+async def build(
+    settings: Settings,
+    *,
+    schema: str = SCHEMA,
+    durable: str = CONSUMER,
+    cache_prefix: str | None = None,
+    with_bus: bool = True,
+) -> Service:
+    """Connect everything (Redis optional: without it leads are read from Postgres)."""
+    pool = await create_pool(settings, service=SERVICE)
+    redis = None
+    if settings.redis_url:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
+    else:
+        log.warning("ORBION_REDIS_URL not set: lead cache and API rate limits are off")
+    store = LeadStore(schema)
+    bus = await Bus.connect(settings, name=SERVICE) if with_bus else None
+    relay = Relay(pool, store.events, bus, name="lead-relay") if bus is not None else None
+    cache = lead_cache(
+        redis, prefix=cache_prefix or settings.lead_cache_prefix, ttl_seconds=settings.lead_cache_ttl_seconds
+    )
+    recorder = LeadRecorder(pool, store, cache, on_commit=relay.wake if relay is not None else None)
+    consumers = LeadConsumers(recorder, settings.policy(), consumer=durable)
+    return Service(settings, pool, store, recorder, consumers, redis, bus, relay, durable)
+
+
+async def _main(settings: Settings) -> None:
+    applied = await migrate(settings)
+    if applied:
+        log.info("lead migrations applied", extra={"migrations": applied})
+    service = await build(settings)
+    try:
+        service.start()
+        app = build_app(settings, service.deps())
+        log.info("lead service listening", extra={"port": settings.lead_port})
+        await serve(app, settings, settings.lead_port)
+    finally:
+        await service.stop()
+        shutdown_telemetry()
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(SERVICE, settings)
+    setup_telemetry(SERVICE, settings)
+    run(_main(settings))
