@@ -261,3 +261,6 @@ def configure_logging(service: str, settings: CommonSettings, *, stream: IO[str]
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request at INFO: the monitor's polling would drown everything else.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

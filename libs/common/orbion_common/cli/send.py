@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("text", help="message text")
     parser.add_argument("--phone", default="5511999990000", help="contact phone (default 5511999990000)")
-    parser.add_argument("--name", default="ORBION CLI", help="contact profile name")
+    parser.add_argument("--name", default="", help="contact profile name (default: none)")
     parser.add_argument("--gateway", default=None, help="gateway base URL (default: from the settings)")
     parser.add_argument("--conversation", default=None,
                         help="conversation service base URL (default: from the settings)")
