@@ -88,6 +88,12 @@ class EventStore:
             ORDER BY e.version
             RETURNING position, version, tx_id::text::bigint AS tx_id, body::text AS body,
                       trace_context::text AS trace_context"""
+        self._sql_insert_many = f"""
+            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
+            SELECT e.event_id, e.stream_id, e.version, e.type, e.occurred_at, e.body::jsonb, $7::jsonb
+            FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
+                 WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, n)
+            ORDER BY e.n"""
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -156,6 +162,32 @@ class EventStore:
         except asyncpg.UniqueViolationError as exc:
             raise ConcurrencyError(f"concurrent append to stream {stream_id}: {exc.detail}") from exc
         return [_stored(r) for r in rows]
+
+    async def append_at_versions(
+        self, conn: asyncpg.Connection, events: Sequence[tuple[Envelope, int]]
+    ) -> None:
+        """Append events of many streams in one statement, each at the version the caller decided.
+
+        For batch writers that hold the streams' current versions already (e.g. locked with their
+        projection rows): a version taken meanwhile by another writer raises
+        :class:`ConcurrencyError` and nothing of the batch is stored.
+        """
+        if not events:
+            return
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    self._sql_insert_many,
+                    [e.event_id for e, _ in events],
+                    [e.stream_id for e, _ in events],
+                    [v for _, v in events],
+                    [e.type for e, _ in events],
+                    [e.occurred_at for e, _ in events],
+                    [encode(e).decode() for e, _ in events],
+                    _current_trace_context(),
+                )
+        except asyncpg.UniqueViolationError as exc:
+            raise ConcurrencyError(f"concurrent append: {exc.detail}") from exc
 
     async def stream_version(self, conn: asyncpg.Connection, stream_id: str) -> int:
         version: int = await conn.fetchval(self._sql_version, stream_id)

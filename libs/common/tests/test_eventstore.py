@@ -124,3 +124,16 @@ async def test_a_claim_and_a_projection_commit_together_or_not_at_all(store):
     await handle(crash=False)  # a duplicate does nothing
     assert await conn.fetchval(f'SELECT n FROM "{es.schema}".counter') == 1
     assert await es.checkpoint(conn, "projector") == 1
+
+
+async def test_a_batch_across_streams_is_stored_whole_or_not_at_all(store):
+    es, conn = store
+    await es.append_at_versions(
+        conn, [(inbound("551100", 1), 1), (inbound("551177", 2), 1), (inbound("551100", 3), 2)]
+    )
+    assert await es.stream_version(conn, "551100") == 2
+    with pytest.raises(ConcurrencyError):
+        # 551177 is already at version 1: the batch loses the race and stores nothing.
+        await es.append_at_versions(conn, [(inbound("551100", 4), 3), (inbound("551177", 5), 1)])
+    assert await es.stream_version(conn, "551100") == 2
+    assert await es.stream_version(conn, "551177") == 1

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-from orbion_common.events import Envelope, decode, encode
-from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent
+from orbion_common.events import Envelope, decode
+from orbion_common.eventstore import EventStore, StoredEvent
 
 from .domain import Lead, evolve
 
@@ -103,23 +103,14 @@ class LeadStore:
             f"ON l.phone = k.phone ORDER BY l.phone FOR UPDATE OF l"
         )
         self._sql_lock_many_skip = self._sql_lock_many + " SKIP LOCKED"
-        # One statement appends every new event (in order: positions follow the array) and
-        # upserts every changed lead. The events' columns are those of EventStore.append.
-        self._sql_append_and_project = f"""
-            WITH appended AS (  -- a data-modifying CTE always runs, referenced or not
-                INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body)
-                SELECT e.event_id, e.stream_id, e.version, e.type, e.occurred_at, e.body::jsonb
-                FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
-                     WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, n)
-                ORDER BY e.n
-                RETURNING 1
-            )
+        # One statement upserts every changed lead (the events go in just before, in one too).
+        self._sql_project_many = f"""
             INSERT INTO {s}.leads (phone, version, stage, agent, status, score, qualified, bot_score,
                                    created_at, updated_at, state)
             SELECT l.phone, l.version, l.stage, l.agent, l.status, l.score, l.qualified, l.bot_score,
                    l.created_at, l.updated_at, l.state::jsonb
-            FROM unnest($7::text[], $8::int[], $9::text[], $10::text[], $11::text[], $12::int[], $13::bool[],
-                        $14::int[], $15::timestamptz[], $16::timestamptz[], $17::text[])
+            FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int[], $7::bool[],
+                        $8::int[], $9::timestamptz[], $10::timestamptz[], $11::text[])
                  AS l(phone, version, stage, agent, status, score, qualified, bot_score, created_at,
                       updated_at, state)
             ON CONFLICT (phone) DO UPDATE SET
@@ -200,29 +191,18 @@ class LeadStore:
         leads = [(lead, state) for lead, state, evs in changes if evs]
         if not events:
             return
-        try:
-            await self._write(conn, events, leads)
-        except asyncpg.UniqueViolationError as exc:
-            raise ConcurrencyError(f"concurrent append to a lead stream: {exc.detail}") from exc
+        await self.events.append_at_versions(conn, events)
+        await self._write(conn, leads)
 
     async def save_leads(self, conn: asyncpg.Connection, leads: Sequence[Lead]) -> None:
         """Upsert projection rows (an older version never overwrites a newer one)."""
-        await self._write(conn, [], [(lead, lead.model_dump_json().encode()) for lead in leads])
+        await self._write(conn, [(lead, lead.model_dump_json().encode()) for lead in leads])
 
-    async def _write(
-        self,
-        conn: asyncpg.Connection,
-        events: Sequence[tuple[Envelope, int]],
-        leads: Sequence[tuple[Lead, bytes]],
-    ) -> None:
+    async def _write(self, conn: asyncpg.Connection, leads: Sequence[tuple[Lead, bytes]]) -> None:
+        if not leads:
+            return
         await conn.execute(
-            self._sql_append_and_project,
-            [e.event_id for e, _ in events],
-            [e.stream_id for e, _ in events],
-            [v for _, v in events],
-            [e.type for e, _ in events],
-            [e.occurred_at for e, _ in events],
-            [encode(e).decode() for e, _ in events],
+            self._sql_project_many,
             [x.phone for x, _ in leads],
             [x.version for x, _ in leads],
             [x.stage.value for x, _ in leads],
