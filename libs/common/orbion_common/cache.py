@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -259,23 +259,31 @@ class VersionedCache(Generic[T]):
 
         Never raises: a failed write is logged and counted, and the TTL bounds its staleness.
         """
+        return await self.put_many([(key, version, value)]) == 1
+
+    async def put_many(self, items: Sequence[tuple[str, int, T]]) -> int:
+        """``put`` for each (key, version, value) in one round trip; returns how many were stored."""
+        if not items:
+            return 0
         if not self.available:
-            self._writes["bypass"].inc()
-            return False
-        assert self._put_script is not None
+            self._writes["bypass"].inc(len(items))
+            return 0
+        assert self.redis is not None and self._put_script is not None
         try:
-            stored = await self._put_script(
-                keys=[self.key(key)], args=[version, self.dumps(value), self.ttl_ms]
-            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, version, value in items:
+                    await self._put_script(
+                        keys=[self.key(key)], args=[version, self.dumps(value), self.ttl_ms], client=pipe
+                    )
+                replies = await pipe.execute()
         except _REDIS_ERRORS as exc:
-            self._writes["error"].inc()
+            self._writes["error"].inc(len(items))
             self._failed("write", exc)
-            return False
-        if stored:
-            self._writes["stored"].inc()
-            return True
-        self._writes["stale"].inc()
-        return False
+            return 0
+        stored = sum(1 for reply in replies if reply)
+        self._writes["stored"].inc(stored)
+        self._writes["stale"].inc(len(replies) - stored)
+        return stored
 
     async def delete(self, key: str) -> None:
         """Drop ``key`` (e.g. after a rebuild); never raises."""

@@ -34,7 +34,6 @@ from orbion_common.eventstore import ConcurrencyError
 from orbion_common.logging import mask_phone
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from . import domain
 from .domain import Lead
@@ -58,8 +57,6 @@ Decide = Callable[[Lead], list[Envelope]]
 # A lost race on a new lead (two writers creating version 1) is decided again; more than a
 # few losses in a row means something else is wrong, and the error surfaces.
 MAX_ATTEMPTS = 3
-# Concurrent cache writes per process (redis-py's pool holds 100 connections by default).
-CACHE_WRITERS = 16
 
 
 @dataclass(frozen=True)
@@ -77,45 +74,13 @@ class _Work:
     done: asyncio.Future[Recorded | None] = field(repr=False)
 
 
-class LeadCache(VersionedCache[bytes]):
-    """The shared versioned cache, plus ``put_many``: a batch's write-through in one round trip.
-
-    Same keys, script and metrics as ``VersionedCache.put`` (a pipeline of its compare-and-set
-    script), about five times cheaper in CPU than one call per lead. Worth moving into
-    ``orbion_common.cache``; it lives here until then.
-    """
-
-    async def put_many(self, items: Sequence[tuple[str, int, bytes]]) -> int:
-        """``put`` for each (key, version, value); returns how many were stored. Never raises."""
-        if not items:
-            return 0
-        if not self.available or self.redis is None or self._put_script is None:
-            self._writes["bypass"].inc(len(items))
-            return 0
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, version, value in items:
-                    await self._put_script(
-                        keys=[self.key(key)], args=[version, self.dumps(value), self.ttl_ms], client=pipe
-                    )
-                replies = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._writes["error"].inc(len(items))
-            self._failed("write", exc)
-            return 0
-        stored = sum(1 for reply in replies if reply)
-        self._writes["stored"].inc(stored)
-        self._writes["stale"].inc(len(replies) - stored)
-        return stored
-
-
-def lead_cache(redis: Redis | None, *, prefix: str, ttl_seconds: float) -> LeadCache:
+def lead_cache(redis: Redis | None, *, prefix: str, ttl_seconds: float) -> VersionedCache[bytes]:
     """The write-through lead cache (``redis=None``: off, every read goes to Postgres).
 
     It holds the lead's JSON as the projection stores it: serialised once per change, and a
     cold read copies the Postgres row to Redis without parsing it.
     """
-    return LeadCache(redis, "lead", prefix=prefix, dumps=_same, loads=_same, ttl_seconds=ttl_seconds)
+    return VersionedCache(redis, "lead", prefix=prefix, dumps=_same, loads=_same, ttl_seconds=ttl_seconds)
 
 
 def _same(data: bytes) -> bytes:
@@ -143,7 +108,6 @@ class LeadRecorder:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._writes: set[asyncio.Task[None]] = set()
-        self._cache_writers = asyncio.Semaphore(CACHE_WRITERS)
         # Leads parsed lately, by phone: reused when the locked row is still at their version
         # (checked in the transaction), which saves shipping and parsing the state each time.
         self._parsed: OrderedDict[str, Lead] = OrderedDict()
@@ -327,17 +291,7 @@ class LeadRecorder:
         changed = [r for r in results if r.events]
         if cache is None or not changed:
             return
-        if isinstance(cache, LeadCache):
-            await cache.put_many([(r.lead.phone, r.lead.version, r.state) for r in changed])
-            return
-
-        async def put(result: Recorded) -> None:
-            # Bounded: a batch of hundreds must not exhaust the Redis connection pool (an error
-            # there would turn the cache off for every reader for a while).
-            async with self._cache_writers:
-                await cache.put(result.lead.phone, result.lead.version, result.state)
-
-        await asyncio.gather(*(put(r) for r in changed))
+        await cache.put_many([(r.lead.phone, r.lead.version, r.state) for r in changed])
 
     # --- reads ----------------------------------------------------------------------------
 
