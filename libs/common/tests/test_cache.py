@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from orbion_common.cache import REQUESTS, WRITES, VersionedCache
+from orbion_common.cache import REQUESTS, WRITES, Cached, VersionedCache
 from redis.asyncio import Redis
 
 
@@ -78,6 +78,17 @@ async def test_an_older_version_never_overwrites_a_newer_one(redis: Redis) -> No
     assert (found := await cache.peek("k")) is not None and (found.version, found.value) == (5, "v5")
     assert await cache.put("k", 6, "v6")
     assert WRITES.labels(cache.name, "stale")._value.get() == 1
+
+
+async def test_a_batch_write_stores_each_newer_value_and_skips_the_stale_one(redis: Redis) -> None:
+    cache = make(redis)
+    assert await cache.put("a", 5, "a5")
+    assert await cache.put_many([("a", 4, "a4"), ("b", 1, "b1"), ("c", 2, "c2")]) == 2
+    assert [(await cache.peek(k)) for k in ("a", "b", "c")] == [
+        Cached(5, "a5"),
+        Cached(1, "b1"),
+        Cached(2, "c2"),
+    ]
 
 
 async def test_a_slow_cold_load_does_not_clobber_a_fresher_write_through(redis: Redis) -> None:
