@@ -79,3 +79,13 @@ def test_every_event_type_is_documented():
         cls.__name__ for cls in EVENT_TYPES if cls.__name__.removeprefix("HumanVerification") not in doc
     ]
     assert undocumented == []
+
+
+def test_a_text_longer_than_whatsapp_allows_is_cut_and_flagged():
+    from orbion_common.events.messaging import MAX_TEXT_CHARS
+
+    event = inbound("x" * (MAX_TEXT_CHARS * 4))
+    assert len(event.payload.text) == MAX_TEXT_CHARS
+    assert event.payload.text_truncated
+    assert len(encode(event)) < 1024 * 1024  # fits in one NATS message
+    assert not inbound().payload.text_truncated

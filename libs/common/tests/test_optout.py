@@ -8,8 +8,23 @@ from orbion_common.optout import OptInRule, is_opt_in, is_opt_out, normalize_wor
 
 @pytest.mark.parametrize(
     "text",
-    ["stop", "STOP", "Stop", "parar", "Pare", "PARE!", " sair ", "remover", "Cancelar.", "unsubscribe",
-     "pàrar", "CANCELAR!!", "\tstop\n", "¡pare!", "'sair'"],
+    [
+        "stop",
+        "STOP",
+        "Stop",
+        "parar",
+        "Pare",
+        "PARE!",
+        " sair ",
+        "remover",
+        "Cancelar.",
+        "unsubscribe",
+        "pàrar",
+        "CANCELAR!!",
+        "\tstop\n",
+        "¡pare!",
+        "'sair'",
+    ],
 )
 def test_a_message_that_is_only_a_stop_word_opts_out(text: str) -> None:
     assert is_opt_out(text)
@@ -17,8 +32,20 @@ def test_a_message_that_is_only_a_stop_word_opts_out(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "quero cancelar meu pedido", "stop please", "não pare", "parar de receber", "stopped",
-     "sair 🙏", "stop2", "obrigado", "sim", "pa rar"],
+    [
+        "",
+        "   ",
+        "quero cancelar meu pedido",
+        "stop please",
+        "não pare",
+        "parar de receber",
+        "stopped",
+        "sair 🙏",
+        "stop2",
+        "obrigado",
+        "sim",
+        "pa rar",
+    ],
 )
 def test_a_sentence_or_other_word_does_not_opt_out(text: str) -> None:
     assert not is_opt_out(text)

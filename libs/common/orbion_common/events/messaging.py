@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .envelope import Envelope, Payload
 
@@ -50,6 +50,12 @@ class Location(Payload):
     address: str = ""
 
 
+#: WhatsApp's own limit on a message's text; anything longer is cut (and flagged) so that an
+#: event always fits in one NATS message (1 MiB by default) and a hostile webhook cannot make
+#: the gateway answer 503 for ever.
+MAX_TEXT_CHARS = 65_536
+
+
 class MessageReceivedPayload(Payload):
     provider: Provider
     provider_message_id: str
@@ -69,6 +75,16 @@ class MessageReceivedPayload(Payload):
     throttled: bool = False
     from_me: bool = False
     raw_type: str = ""
+    text_truncated: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cut_overlong_text(cls, data: object) -> object:
+        if isinstance(data, dict):
+            text = data.get("text")
+            if isinstance(text, str) and len(text) > MAX_TEXT_CHARS:
+                data = {**data, "text": text[:MAX_TEXT_CHARS], "text_truncated": True}
+        return data
 
 
 class MessageReceived(Envelope):
