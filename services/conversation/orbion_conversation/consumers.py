@@ -1,7 +1,8 @@
 """JetStream handler of the conversation service: decode, claim, append, project, decide, ack.
 
 One durable consumer receives the message events (gateway, llm-proxy) and the lead
-service's silencing events. For each: claim it, append it to the contact's stream in our
+service's events that hold or stop replies (opt-out/in, block, hand-off, human
+verification) or shape them (BANT stage). For each: claim it, append it to the contact's stream in our
 event store (its unique event id absorbs a webhook retried days later), project it, decide on
 a reply, all in ONE transaction; then write the history cache and wake the relay/scheduler.
 

@@ -20,6 +20,9 @@ from orbion_common import optout
 from orbion_common.events import (
     ContactBlocked,
     Envelope,
+    HumanVerificationFailed,
+    HumanVerificationPassed,
+    HumanVerificationRequested,
     LeadHandedOff,
     LeadOptedIn,
     LeadOptedOut,
@@ -52,17 +55,31 @@ def is_opt_out(text: str) -> bool:
 # --------------------------------------------------------------------------- contact state
 
 
+VERIFICATION_ANSWERS_KEPT = 5
+"""Answers remembered per contact: the lead blocks after 2 wrong ones, so a few cover all."""
+
+
 @dataclass(frozen=True)
 class ContactState:
-    """What the conversation service must know about a contact to decide on a reply."""
+    """What the conversation service must know about a contact to decide on a reply.
+
+    ``verification_pending``: the lead service suspects a bot and has asked the contact to prove
+    it is human; no LLM replies until it passes (or for good, once blocked). ``verified``: it
+    passed. ``verification_answer_ids``: event ids of the inbound messages the lead judged as
+    answers, so that one redelivered after its verdict is still not answered.
+    """
 
     opted_out: bool = False
     blocked: bool = False
     handed_off: bool = False
+    verification_pending: bool = False
+    verified: bool = False
+    verification_answer_ids: tuple[str, ...] = ()
 
     @property
     def silenced(self) -> bool:
-        return self.opted_out or self.blocked or self.handed_off
+        """No reply may be requested for this contact now."""
+        return self.opted_out or self.blocked or self.handed_off or self.verification_pending
 
 
 def evolve_contact(
@@ -78,7 +95,21 @@ def evolve_contact(
     if isinstance(event, LeadOptedIn):
         return replace(state, opted_out=False)
     if isinstance(event, ContactBlocked):
-        return replace(state, blocked=True)
+        return replace(state, blocked=True, verification_pending=False)
+    # The lead asks a contact once: after it passed or was blocked, a request or failure that
+    # is delivered late (a redelivery overtaken by the verdict) reopens nothing.
+    still_open = not (state.verified or state.blocked)
+    if isinstance(event, HumanVerificationRequested):
+        return replace(state, verification_pending=still_open)
+    if isinstance(event, HumanVerificationFailed):
+        # A wrong answer leaves the question open (the lead blocks after enough of them).
+        return replace(
+            state, verification_pending=still_open, verification_answer_ids=_answered(state, event)
+        )
+    if isinstance(event, HumanVerificationPassed):
+        return replace(
+            state, verification_pending=False, verified=True, verification_answer_ids=_answered(state, event)
+        )
     if isinstance(event, LeadHandedOff):
         return replace(state, handed_off=True)
     if isinstance(event, MessageReceived) and not event.payload.from_me:
@@ -88,6 +119,15 @@ def evolve_contact(
         if state.opted_out and optout.is_opt_in(text, opt_in_rule):
             return replace(state, opted_out=False)
     return state
+
+
+def _answered(state: ContactState, verdict: Envelope) -> tuple[str, ...]:
+    """The answer ids after a verdict: the lead's Passed/Failed is caused by the answer's event
+    (a timeout's cause is no message, and its id never matches one)."""
+    answer = verdict.causation_id
+    if not answer or answer in state.verification_answer_ids:
+        return state.verification_answer_ids
+    return (*state.verification_answer_ids, answer)[-VERIFICATION_ANSWERS_KEPT:]
 
 
 def inbound_text(msg: MessageReceivedPayload) -> str:
@@ -105,8 +145,8 @@ def inbound_text(msg: MessageReceivedPayload) -> str:
     return msg.text
 
 
-def skip_reason(msg: MessageReceivedPayload, contact: ContactState) -> str | None:
-    """Why this inbound message gets no reply, or None when it deserves one."""
+def skip_reason(msg: MessageReceivedPayload, contact: ContactState, event_id: str = "") -> str | None:
+    """Why this inbound message (event ``event_id``) gets no reply, or None when it deserves one."""
     if msg.from_me:
         return "from_me"
     if msg.kind not in REPLYABLE_KINDS:
@@ -123,6 +163,10 @@ def skip_reason(msg: MessageReceivedPayload, contact: ContactState) -> str | Non
         return "blocked"
     if contact.handed_off:
         return "handed_off"
+    if contact.verification_pending:
+        return "verification_pending"  # it is the answer to "are you human?", not a question for sales
+    if event_id and event_id in contact.verification_answer_ids:
+        return "verification_answer"  # redelivered after the lead's verdict on it
     return None
 
 
@@ -323,6 +367,7 @@ class ContactSummary:
             "opted_out": self.state.opted_out,
             "blocked": self.state.blocked,
             "handed_off": self.state.handed_off,
+            "verification_pending": self.state.verification_pending,
             "lead_stage": self.lead_stage,
             "language": self.language,
         }

@@ -36,6 +36,9 @@ PROJECTED_TYPES = (
     "ContactBlocked",
     "LeadHandedOff",
     "BantStageAdvanced",
+    "HumanVerificationRequested",
+    "HumanVerificationPassed",
+    "HumanVerificationFailed",
 )
 
 
@@ -77,7 +80,8 @@ async def apply(
             summary = replace(summary, language=event.payload.facts.language)
     elif isinstance(event, BantStageAdvanced):
         summary = replace(summary, lead_stage=event.payload.to_stage)
-    # Lead events (opt-out/in, blocked, handed off) only change the contact state (above).
+    # Lead events (opt-out/in, blocked, handed off, human verification) only change the
+    # contact state (above).
 
     if contacts is not None:
         contacts[phone] = summary

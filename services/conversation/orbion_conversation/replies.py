@@ -77,7 +77,7 @@ async def on_inbound(
             await store.delete_pending(conn, phone)
         DECISIONS.labels("cancelled").inc()
         return "cancelled"
-    reason = domain.skip_reason(event.payload, applied.summary.state)
+    reason = domain.skip_reason(event.payload, applied.summary.state, event.event_id)
     if reason is not None:
         DECISIONS.labels(f"skipped:{reason.split(':')[0]}").inc()
         return f"skipped:{reason}"
@@ -110,8 +110,13 @@ async def emit(
     causation_id: str,
 ) -> StoredEvent | None:
     """Append (and project) one ReplyRequested for ``inbound_ids``; None when nothing to ask."""
+    # The stream version BEFORE the contact: an event committed after this read (the lead's
+    # HumanVerificationRequested, an opt-out) either shows in the contact read below or makes
+    # the append at this version conflict. Read the other way round, a request could be
+    # appended on top of a verification the decision never saw.
+    version = await ctx.store.stream_version(conn, phone)
     summary = await ctx.projection.load_contact(conn, phone) or ContactSummary(phone=phone)
-    if summary.state.silenced:  # opted out, blocked or handed off during the quiet period
+    if summary.state.silenced:  # opted out, blocked, handed off or asked to prove it is human
         return None
     burst = await ctx.projection.messages_by_keys(conn, inbound_ids)
     if not burst:
@@ -132,7 +137,6 @@ async def emit(
         causation_id=causation_id,
         payload=payload,
     )
-    version = await ctx.store.stream_version(conn, phone)
     stored = await ctx.store.append(conn, phone, [event], expected_version=version)
     for s in stored:
         await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule)

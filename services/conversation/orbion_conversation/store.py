@@ -29,7 +29,7 @@ _MESSAGE_COLUMNS = (
 CONTACT_COLUMNS = (
     "phone, profile_name, message_count, inbound_count, outbound_count, first_message_at, "
     "last_inbound_at, last_outbound_at, last_activity_at, opted_out, blocked, handed_off, version, "
-    "lead_stage, language"
+    "lead_stage, language, verification_pending, verified, verification_answer_ids"
 )
 
 
@@ -59,7 +59,14 @@ def contact_summary(row: asyncpg.Record) -> ContactSummary:
         last_inbound_at=row["last_inbound_at"],
         last_outbound_at=row["last_outbound_at"],
         last_activity_at=row["last_activity_at"],
-        state=ContactState(opted_out=row["opted_out"], blocked=row["blocked"], handed_off=row["handed_off"]),
+        state=ContactState(
+            opted_out=row["opted_out"],
+            blocked=row["blocked"],
+            handed_off=row["handed_off"],
+            verification_pending=row["verification_pending"],
+            verified=row["verified"],
+            verification_answer_ids=tuple(row["verification_answer_ids"]),
+        ),
         version=row["version"],
         lead_stage=row["lead_stage"],
         language=row["language"],
@@ -71,6 +78,7 @@ def _contact_row(s: ContactSummary) -> tuple[object, ...]:
         s.phone, s.profile_name, s.message_count, s.inbound_count, s.outbound_count,
         s.first_message_at, s.last_inbound_at, s.last_outbound_at, s.last_activity_at,
         s.state.opted_out, s.state.blocked, s.state.handed_off, s.version, s.lead_stage, s.language,
+        s.state.verification_pending, s.state.verified, list(s.state.verification_answer_ids),
     )  # fmt: skip
 
 
@@ -171,14 +179,16 @@ class Projection:
         self._load_contact = f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = $1"
         self._save_contact = f"""
             INSERT INTO {c} ({CONTACT_COLUMNS})
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
             ON CONFLICT (phone) DO UPDATE SET
                 profile_name = excluded.profile_name, message_count = excluded.message_count,
                 inbound_count = excluded.inbound_count, outbound_count = excluded.outbound_count,
                 first_message_at = excluded.first_message_at, last_inbound_at = excluded.last_inbound_at,
                 last_outbound_at = excluded.last_outbound_at, last_activity_at = excluded.last_activity_at,
                 opted_out = excluded.opted_out, blocked = excluded.blocked, handed_off = excluded.handed_off,
-                version = excluded.version, lead_stage = excluded.lead_stage, language = excluded.language"""
+                version = excluded.version, lead_stage = excluded.lead_stage, language = excluded.language,
+                verification_pending = excluded.verification_pending, verified = excluded.verified,
+                verification_answer_ids = excluded.verification_answer_ids"""
         self._recent = f"""
             SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE phone = $1
             ORDER BY created_at DESC, position DESC LIMIT $2"""

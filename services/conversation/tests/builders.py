@@ -6,6 +6,10 @@ import random
 from datetime import UTC, datetime, timedelta
 
 from orbion_common.events import (
+    ContactBlocked,
+    HumanVerificationFailed,
+    HumanVerificationPassed,
+    HumanVerificationRequested,
     LeadOptedOut,
     MessageReceived,
     MessageSent,
@@ -14,7 +18,7 @@ from orbion_common.events import (
     SendFailed,
     stable_event_id,
 )
-from orbion_common.events.lead import LeadOptedOutPayload
+from orbion_common.events.lead import ContactBlockedPayload, HumanVerificationPayload, LeadOptedOutPayload
 from orbion_common.events.messaging import (
     DeliveryStatus,
     MessageKind,
@@ -88,3 +92,29 @@ def failed(phone: str, reply_key: str, *, seconds: float = 2) -> SendFailed:
 
 def opted_out(phone: str) -> LeadOptedOut:
     return LeadOptedOut.create(phone, LeadOptedOutPayload(phone=phone, word="stop"))
+
+
+# The lead service's human verification. Like the lead's own decisions, a verdict is caused
+# by the inbound message it judged (``causation_id`` = that message's event id).
+
+
+def verification_requested(phone: str) -> HumanVerificationRequested:
+    payload = HumanVerificationPayload(
+        phone=phone, reason="pattern:auto_reply", question="Você é humano? SIM"
+    )
+    return HumanVerificationRequested.create(phone, payload)
+
+
+def verification_passed(phone: str, answer: MessageReceived) -> HumanVerificationPassed:
+    payload = HumanVerificationPayload(phone=phone, reason="answered")
+    return HumanVerificationPassed.create(phone, payload, cause=answer)
+
+
+def verification_failed(phone: str, answer: MessageReceived, attempt: int = 1) -> HumanVerificationFailed:
+    payload = HumanVerificationPayload(phone=phone, attempt=attempt, reason="wrong_answer")
+    return HumanVerificationFailed.create(phone, payload, cause=answer)
+
+
+def blocked(phone: str, cause: MessageReceived | None = None) -> ContactBlocked:
+    payload = ContactBlockedPayload(phone=phone, reasons=["verification_failed"])
+    return ContactBlocked.create(phone, payload, cause=cause)

@@ -21,7 +21,7 @@ from orbion_conversation.domain import MessageItem
 from orbion_conversation.settings import Settings
 from redis.asyncio import Redis
 
-from .builders import generated, inbound, new_phone, sent
+from .builders import generated, inbound, new_phone, sent, verification_passed, verification_requested
 
 
 @pytest.fixture
@@ -180,3 +180,30 @@ async def test_a_crash_between_commit_and_ack_is_redelivered_without_a_second_ef
     assert cached is not None and [m.text for m in cached.value] == ["Oi"]
     page = await history.page(phone, 20, None)
     assert page is not None and len(page) == 1
+
+
+async def test_a_pending_human_verification_on_the_bus_holds_replies_until_it_passes(
+    service: Service, nats_test_url: str
+) -> None:
+    """The lead's verification events reach the real consumer (its durable's filter) in order."""
+    assert service.bus is not None
+    phone = new_phone()
+    answer = inbound(phone, f"wamid.{uuid.uuid4().hex}", "SIM", seconds=1)
+    question = inbound(phone, f"wamid.{uuid.uuid4().hex}", "Quanto custa o plano?", seconds=2)
+    for event in (verification_requested(phone), answer, verification_passed(phone, answer), question):
+        await service.bus.publish(event)
+
+    async def requests() -> list[ReplyRequested]:
+        async with service.pool.acquire() as conn:
+            stream = await service.deps.ctx.store.load_stream(conn, phone)
+        return [s.event for s in stream if isinstance(s.event, ReplyRequested)]
+
+    async def question_answered() -> bool:
+        return len(await requests()) > 0
+
+    # Delivered in order: by the time the question's reply is asked, the answer was decided on.
+    await wait_for(question_answered)
+    [request] = await requests()
+    assert request.payload.inbound_message_ids == [question.payload.provider_message_id]
+    contact = await service.deps.ctx.projection.load_contact(service.pool, phone)
+    assert contact is not None and not contact.state.verification_pending

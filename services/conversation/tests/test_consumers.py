@@ -6,13 +6,25 @@ import asyncio
 
 import asyncpg
 import pytest
-from orbion_common.events import MessageReceived, ReplyRequested
+from orbion_common.events import MessageReceived, ReplyRequested, utcnow
 from orbion_common.events.messaging import DeliveryStatus, MessageKind
 from orbion_conversation import consumers, domain
 from orbion_conversation.consumers import Deps, record_event
 from redis.asyncio import Redis
 
-from .builders import failed, generated, inbound, new_phone, opted_out, sent, status
+from .builders import (
+    blocked,
+    failed,
+    generated,
+    inbound,
+    new_phone,
+    opted_out,
+    sent,
+    status,
+    verification_failed,
+    verification_passed,
+    verification_requested,
+)
 from .conftest import make_deps
 
 
@@ -119,6 +131,53 @@ async def test_opted_out_contact_gets_no_reply_until_opt_in(deps: Deps) -> None:
     await record_event(deps, opted_out(phone))
     assert await record_event(deps, inbound(phone, "wamid.O1", "oi de novo")) == "skipped:opted_out"
     assert await record_event(deps, inbound(phone, "wamid.O2", "voltar", seconds=1)) == "requested"
+
+
+async def test_no_sales_reply_while_a_human_verification_is_pending_and_replies_resume_after_it(
+    deps: Deps,
+) -> None:
+    phone = new_phone()
+    assert await record_event(deps, inbound(phone, "wamid.V0", "Digite 1 para vendas")) == "requested"
+    assert await record_event(deps, verification_requested(phone)) == "projected"
+    contact = await deps.ctx.projection.load_contact(deps.pool, phone)
+    assert contact is not None and contact.to_json(utcnow())["verification_pending"]
+    answer = inbound(phone, "wamid.V1", "SIM", seconds=5)
+    assert await record_event(deps, answer) == "skipped:verification_pending"
+    assert await record_event(deps, verification_passed(phone, answer)) == "projected"
+    assert await record_event(deps, inbound(phone, "wamid.V2", "Quanto custa?", seconds=9)) == "requested"
+    requests = await reply_requests(deps, phone)
+    assert [r.payload.inbound_message_ids for r in requests] == [["wamid.V0"], ["wamid.V2"]]
+    # the answer is still part of the conversation the LLM sees
+    assert [h.text for h in requests[-1].payload.history if h.direction == "in"] == [
+        "Digite 1 para vendas",
+        "SIM",
+    ]
+
+
+async def test_failed_verification_then_block_stops_replies_for_good(deps: Deps) -> None:
+    phone = new_phone()
+    await record_event(deps, verification_requested(phone))
+    wrong = inbound(phone, "wamid.F1", "Digite 1", seconds=1)
+    assert await record_event(deps, wrong) == "skipped:verification_pending"
+    await record_event(deps, verification_failed(phone, wrong))
+    again = inbound(phone, "wamid.F2", "Digite 1", seconds=2)
+    assert await record_event(deps, again) == "skipped:verification_pending"
+    await record_event(deps, verification_failed(phone, again, attempt=2))
+    await record_event(deps, blocked(phone, again))
+    assert await record_event(deps, inbound(phone, "wamid.F3", "SIM", seconds=3)) == "skipped:blocked"
+    assert await reply_requests(deps, phone) == []
+
+
+async def test_an_answer_redelivered_after_the_pass_gets_no_reply(deps: Deps) -> None:
+    """Its first handling lost a race (nakked), and the lead's Passed was recorded before it."""
+    phone = new_phone()
+    await record_event(deps, verification_requested(phone))
+    answer = inbound(phone, "wamid.L1", "SIM", seconds=1)
+    await record_event(deps, verification_passed(phone, answer))
+    assert await record_event(deps, answer) == "skipped:verification_answer"
+    assert await record_event(deps, inbound(phone, "wamid.L2", "Oi", seconds=2)) == "requested"
+    [request] = await reply_requests(deps, phone)
+    assert request.payload.inbound_message_ids == ["wamid.L2"]
 
 
 async def test_cache_follows_every_event_and_a_stale_snapshot_never_wins(deps: Deps) -> None:

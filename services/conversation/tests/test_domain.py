@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from orbion_common.events import ContactBlocked, LeadHandedOff, LeadOptedIn, LeadOptedOut, MessageReceived
+from orbion_common.events import (
+    ContactBlocked,
+    Envelope,
+    LeadHandedOff,
+    LeadOptedIn,
+    LeadOptedOut,
+    MessageReceived,
+)
 from orbion_common.events.lead import (
     ContactBlockedPayload,
     LeadHandedOffPayload,
@@ -15,6 +22,8 @@ from orbion_common.events.lead import (
 from orbion_common.events.messaging import MessageKind, MessageReceivedPayload, Provider
 from orbion_conversation import domain
 from orbion_conversation.domain import ContactState, MessageItem
+
+from .builders import blocked, verification_failed, verification_passed, verification_requested
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 PHONE = "5511999990000"
@@ -179,3 +188,82 @@ def test_start_word_brings_an_opted_out_contact_back() -> None:
     assert still.opted_out
     anyway = domain.evolve_contact(stopped, MessageReceived.create(PHONE, inbound("oi")), "any_message")
     assert not anyway.opted_out
+
+
+# --------------------------------------------------------------------------- human verification
+
+
+def _fold(*events: Envelope) -> ContactState:
+    state = ContactState()
+    for event in events:
+        state = domain.evolve_contact(state, event)
+    return state
+
+
+def _message(text: str, mid: str) -> MessageReceived:
+    return MessageReceived.create(PHONE, inbound(text, mid=mid), event_id=f"evt-{mid}")
+
+
+def test_a_contact_asked_to_prove_it_is_human_gets_no_reply() -> None:
+    state = _fold(verification_requested(PHONE))
+    assert state.verification_pending and state.silenced
+    assert domain.skip_reason(inbound("Quanto custa?"), state) == "verification_pending"
+
+
+def test_the_answer_to_the_verification_question_gets_no_sales_reply() -> None:
+    state = _fold(verification_requested(PHONE))
+    for answer in ("SIM", "yes", "não sei"):
+        assert domain.skip_reason(inbound(answer), state) == "verification_pending"
+
+
+def test_replies_resume_once_the_contact_passes_the_verification() -> None:
+    answer = _message("SIM", "wamid.yes")
+    state = _fold(verification_requested(PHONE), answer, verification_passed(PHONE, answer))
+    assert not state.verification_pending and not state.silenced
+    assert domain.skip_reason(inbound("E o preço?", mid="wamid.next"), state, "evt-wamid.next") is None
+
+
+def test_a_wrong_answer_keeps_replies_on_hold() -> None:
+    wrong = _message("digite 1", "wamid.wrong")
+    state = _fold(verification_requested(PHONE), wrong, verification_failed(PHONE, wrong))
+    assert state.verification_pending
+    assert domain.skip_reason(inbound("oi"), state) == "verification_pending"
+
+
+def test_a_contact_blocked_after_failing_gets_no_reply_for_good() -> None:
+    wrong = _message("digite 1", "wamid.w1")
+    again = _message("digite 1", "wamid.w2")
+    state = _fold(
+        verification_requested(PHONE),
+        verification_failed(PHONE, wrong),
+        verification_failed(PHONE, again, attempt=2),
+        blocked(PHONE, again),
+    )
+    assert state.blocked and not state.verification_pending
+    assert domain.skip_reason(inbound("Quanto custa?"), state) == "blocked"
+    # a request delivered late (a redelivery overtaken by the block) does not reopen anything
+    assert not domain.evolve_contact(state, verification_requested(PHONE)).verification_pending
+
+
+def test_an_answer_delivered_after_its_verdict_still_gets_no_reply() -> None:
+    """Replicas: the answer's handling lost a race and is redelivered after the lead's Passed."""
+    answer = _message("SIM", "wamid.late")
+    state = _fold(verification_requested(PHONE), verification_passed(PHONE, answer))
+    assert not state.verification_pending
+    assert domain.skip_reason(answer.payload, state, answer.event_id) == "verification_answer"
+    assert domain.skip_reason(inbound("E o preço?", mid="wamid.n"), state, "evt-wamid.n") is None
+
+
+def test_a_request_delivered_after_the_pass_does_not_hold_replies_again() -> None:
+    """The lead asks a contact once; a Requested redelivered after the Passed is that same one."""
+    answer = _message("SIM", "wamid.ok")
+    state = _fold(verification_passed(PHONE, answer), verification_requested(PHONE))
+    assert state.verified and not state.verification_pending
+
+
+def test_only_the_last_few_verification_answers_are_remembered() -> None:
+    state = ContactState(verification_pending=True)
+    for i in range(domain.VERIFICATION_ANSWERS_KEPT + 2):
+        state = domain.evolve_contact(state, verification_failed(PHONE, _message("não", f"w{i}"), i + 1))
+    assert len(state.verification_answer_ids) == domain.VERIFICATION_ANSWERS_KEPT
+    assert state.verification_answer_ids[-1] == "evt-w6"

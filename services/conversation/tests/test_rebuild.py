@@ -12,7 +12,17 @@ from orbion_common.eventstore import StoredEvent
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.rebuild import rebuild
 
-from .builders import failed, generated, inbound, new_phone, opted_out, sent, status
+from .builders import (
+    failed,
+    generated,
+    inbound,
+    new_phone,
+    opted_out,
+    sent,
+    status,
+    verification_failed,
+    verification_requested,
+)
 
 
 async def dump(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
@@ -64,8 +74,12 @@ async def converse(deps: Deps, phone: str) -> None:
     await record_event(deps, sent(phone, key2, f"wamid.{phone}.o3", "R$ 99", seconds=9))
     await record_event(deps, status(phone, f"wamid.{phone}.o3", DeliveryStatus.DELIVERED, seconds=10))
     await record_event(deps, status(phone, f"wamid.{phone}.o3", DeliveryStatus.SENT, seconds=10))
-    await record_event(deps, inbound(phone, f"wamid.{phone}.2", "stop", seconds=11))
+    stop = inbound(phone, f"wamid.{phone}.2", "stop", seconds=11)
+    await record_event(deps, stop)
     await record_event(deps, opted_out(phone))
+    # the contact's verification state (flag and answer ids) is rebuilt too
+    await record_event(deps, verification_requested(phone))
+    await record_event(deps, verification_failed(phone, stop))
 
 
 async def _stream(deps: Deps, phone: str) -> list[StoredEvent]:

@@ -6,12 +6,14 @@ from datetime import timedelta
 
 import asyncpg
 from orbion_common.events import ReplyRequested, utcnow
+from orbion_common.eventstore import EventStore
 from orbion_conversation import domain
 from orbion_conversation.consumers import Deps, record_event
-from orbion_conversation.replies import ReplyScheduler
+from orbion_conversation.replies import ReplyContext, ReplyScheduler
+from orbion_conversation.store import Projection
 from redis.asyncio import Redis
 
-from .builders import inbound, new_phone, opted_out
+from .builders import inbound, new_phone, opted_out, verification_passed, verification_requested
 from .conftest import make_deps
 
 QUIET = 1.5
@@ -105,3 +107,73 @@ async def test_two_schedulers_never_emit_the_same_burst(
     assert sum(counts) == 10
     for phone in phones:
         assert len(await reply_requests(deps, phone)) == 1
+
+
+async def test_a_verification_requested_during_the_quiet_period_drops_the_waiting_reply(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """The lead's request lands after the contact's message was scheduled: the scheduler
+    re-reads the contact when the reply comes due and asks nothing."""
+    deps, scheduler = quiet_deps(pool, schema, redis)
+    phone = new_phone()
+    assert await record_event(deps, inbound(phone, "wamid.Q1", "Digite 1 para vendas")) == "scheduled"
+    await record_event(deps, verification_requested(phone))
+    assert await scheduler.emit_due(utcnow() + LATER) == 0
+    assert await reply_requests(deps, phone) == []
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 0  # dropped, not retried
+
+
+async def test_after_a_passed_verification_the_next_burst_is_answered_without_the_answer(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    deps, scheduler = quiet_deps(pool, schema, redis)
+    phone = new_phone()
+    await record_event(deps, verification_requested(phone))
+    answer = inbound(phone, "wamid.A1", "SIM")
+    assert await record_event(deps, answer) == "skipped:verification_pending"
+    assert await scheduler.emit_due(utcnow() + LATER) == 0
+    await record_event(deps, verification_passed(phone, answer))
+    assert await record_event(deps, inbound(phone, "wamid.A2", "Quanto custa?", seconds=5)) == "scheduled"
+    assert await scheduler.emit_due(utcnow() + LATER) == 1
+    [request] = await reply_requests(deps, phone)
+    assert (request.payload.inbound_message_ids, request.payload.text) == (["wamid.A2"], "Quanto custa?")
+
+
+class _VerificationLandsMidDecision(Projection):
+    """The scheduler's projection: right after it has read the contact, the consumer (another
+    replica, another connection) commits the lead's HumanVerificationRequested."""
+
+    def __init__(self, consumer: Deps, phone: str) -> None:
+        super().__init__()
+        self.consumer, self.phone, self.landed = consumer, phone, False
+
+    async def load_contact(
+        self, conn: asyncpg.Connection | asyncpg.Pool, phone: str
+    ) -> domain.ContactSummary | None:
+        summary = await super().load_contact(conn, phone)
+        if not self.landed:
+            self.landed = True
+            assert await record_event(self.consumer, verification_requested(self.phone)) == "projected"
+        return summary
+
+
+async def test_a_verification_committed_while_the_scheduler_decides_is_never_overtaken(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    deps, _ = quiet_deps(pool, schema, redis)
+    phone = new_phone()
+    await record_event(deps, inbound(phone, "wamid.Z1", "Oi"))
+    ctx = deps.ctx
+    racing = ReplyContext(
+        EventStore(schema), _VerificationLandsMidDecision(deps, phone), ctx.history, ctx.quiet_seconds
+    )
+    scheduler = ReplyScheduler(pool, racing)
+    # It decided on a contact read before the request committed: its append conflicts, the
+    # burst stays queued, and the next round sees the verification and drops it.
+    assert await scheduler.emit_due(utcnow() + LATER) == 0
+    assert await scheduler.emit_due(utcnow() + LATER) == 0
+    async with pool.acquire() as conn:
+        stream = await ctx.store.load_stream(conn, phone)
+        assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 0
+    assert [s.event.type for s in stream] == ["MessageReceived", "HumanVerificationRequested"]
