@@ -122,7 +122,7 @@ async def test_a_signed_webhook_gets_one_fallback_reply_in_history(system):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["gateway", "conversation", "lead", "llm-proxy"])
+@pytest.mark.parametrize("victim", ["gateway", "conversation", "lead", "llm-proxy", "monitor"])
 async def test_a_service_killed_right_after_the_ack_loses_nothing_and_replies_once(system, victim):
     phone = new_phone()
     async with httpx.AsyncClient(timeout=5) as client:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
+from opentelemetry import trace
 from orbion_common.events.messaging import Provider
 from orbion_common.ratelimit import RateLimiter, RateLimiterUnavailable, Tier, rate_limit_headers
 from starlette.datastructures import Headers
@@ -44,6 +45,11 @@ class Refused(Exception):
         self.status, self.kind, self.detail, self.headers = status, kind, detail, headers or {}
 
 
+def _mark_gateway_stage() -> None:
+    # The monitor's end-to-end latency of a message starts at the span marked as the gateway stage.
+    trace.get_current_span().set_attribute("orbion.stage", "gateway")
+
+
 def _error(status: int, kind: str, detail: str, headers: Mapping[str, str] | None = None) -> Reply:
     return Reply(status, orjson.dumps({"error": {"type": kind, "detail": detail}}), headers or {})
 
@@ -71,6 +77,7 @@ class Webhooks:
     # -- entry points ---------------------------------------------------------------------
 
     async def whatsapp(self, scope: Scope, receive: Receive) -> Reply:
+        _mark_gateway_stage()
         provider = Provider.CLOUD_API
         headers = Headers(scope=scope)
         try:
@@ -87,6 +94,7 @@ class Webhooks:
         return await self._accept(provider, parsed)
 
     async def evolution(self, scope: Scope, receive: Receive) -> Reply:
+        _mark_gateway_stage()
         provider = Provider.EVOLUTION
         headers = Headers(scope=scope)
         try:

@@ -2,7 +2,8 @@
 
 - ``ReplyRequested`` -> generate once per ``reply_key`` (the ``replies`` row is the claim: a
   redelivery finds it and neither calls OpenAI nor sends again) -> ``replies`` row +
-  ``ReplyGenerated`` in one transaction; the sender (sender.py) delivers it.
+  ``ReplyGenerated`` in one transaction; the sender (sender.py) delivers it. The row keeps the
+  handler's trace context: the sender's span continues the message's trace from it.
 - ``HumanVerificationRequested`` -> its question as a reply row (once per event id).
 - ``LeadChanged`` -> the export queue for Google Sheets (latest version wins; sheets.py drains it).
 
@@ -32,6 +33,7 @@ from orbion_common.events import (
 from orbion_common.events.messaging import ReplyGeneratedPayload
 from orbion_common.eventstore import EventStore
 from orbion_common.logging import mask_phone
+from orbion_common.telemetry import inject_context
 
 from . import store
 from .domain import split_text
@@ -105,6 +107,7 @@ class Handlers:
                 source=generated.source.value,
                 correlation_id=reply_event.correlation_id,
                 causation_id=reply_event.event_id,
+                trace_context=inject_context({}),
             ):
                 return
             await self.events.append(conn, event.stream_id, [reply_event])
@@ -132,6 +135,7 @@ class Handlers:
                 source="verification",
                 correlation_id=event.correlation_id or event.event_id,
                 causation_id=event.event_id,
+                trace_context=inject_context({}),
             )
         if stored:
             self.on_reply_stored()

@@ -5,6 +5,8 @@ OpenAI chat completions with structured output (one call gives the reply and the
 and the fallback templates. OpenAI runs behind its breaker with an explicit timeout; the
 SDK's own retries are off (``max_retries=0``): ours are explicit, spaced and counted. No API
 key: the fallback responder answers everything (said at start and in ``/readyz``).
+Each chat-completions call is one CLIENT span ``chat <model>`` with ``orbion.stage = "llm"``
+(the monitor's LLM stage) and the GenAI attributes (model, token usage).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from openai import (
     RateLimitError,
 )
 from openai.types.chat import ChatCompletion
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from orbion_common.breakers import Breaker, BreakerOpen, CallTimeout
 from orbion_common.events.messaging import LeadFacts, ReplyRequestedPayload, ReplySource, TokenUsage
+from orbion_common.telemetry import tracer
 from prometheus_client import Counter, Histogram
 
 from .domain import (
@@ -56,6 +60,8 @@ OPENAI_SECONDS = Histogram(
 )
 
 DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "sdr-v1.md"
+
+_tracer = tracer("orbion.llm_proxy.openai")
 
 
 @dataclass(frozen=True)
@@ -280,7 +286,28 @@ class Responder:
         # already plain JSON of the same shape.
         self._turn = (self._turn + 1) % len(self._clients)
         client = self._clients[self._turn]
-        completion = await client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+        model = self.settings.openai_model
+        with _tracer.start_as_current_span(
+            f"chat {model}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "orbion.stage": "llm",
+                "gen_ai.system": "openai",
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": model,
+            },
+        ) as span:
+            try:
+                completion = await client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+            except asyncio.CancelledError:
+                # The breaker's call timeout cancels us; OpenTelemetry records only Exception
+                # subclasses, so without this the span of a timed-out call would look fine.
+                span.set_status(Status(StatusCode.ERROR, "cancelled (call timeout or shutdown)"))
+                raise
+            span.set_attribute("gen_ai.response.model", completion.model or model)
+            if completion.usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", completion.usage.prompt_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
         elapsed = time.perf_counter() - started
         OPENAI_SECONDS.observe(elapsed)
         text, facts = parse_completion(completion.choices[0].message.content if completion.choices else None)

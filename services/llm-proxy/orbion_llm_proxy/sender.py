@@ -17,6 +17,11 @@ WhatsApp outage keeps replies *pending* in Postgres instead of holding or dead-l
   breaker. Breaker open: replies stay pending and go out, in order, once it closes.
 - Pacing: a token bucket per contact (WhatsApp's pair rate) and one for the business number.
 - One sender per schema sends (a Postgres advisory lock); other replicas stand by.
+- Tracing: each part is one CLIENT span ``whatsapp send`` (``orbion.stage = "send"``, the
+  reply's ``orbion.correlation_id``), started in the trace context stored with the reply, so
+  the send closes the message's trace (webhook -> conversation -> llm-proxy -> send). It covers
+  the provider's HTTP call (the message's end-to-end latency ends when WhatsApp accepted it),
+  or the outbox transaction, which is the send when there is no provider.
 """
 
 from __future__ import annotations
@@ -26,15 +31,19 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import Span, SpanKind
 from orbion_common.breakers import Breaker, BreakerOpen
 from orbion_common.events import MessageSent, SendFailed, stable_event_id
 from orbion_common.events.messaging import MessageSentPayload, SendFailedPayload
 from orbion_common.eventstore import EventStore
 from orbion_common.logging import mask_phone
+from orbion_common.telemetry import extract_context, tracer
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import store
@@ -56,6 +65,8 @@ SEND_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 PENDING_REPLIES = Gauge("orbion_llm_proxy_pending_replies", "Replies waiting to be sent (last poll)")
+
+_tracer = tracer("orbion.llm_proxy.sender")
 
 #: Give up on a reply that could not be sent for this long: WhatsApp's 24-hour window is closed.
 GIVE_UP_AFTER_SECONDS = 24 * 3600.0
@@ -225,6 +236,25 @@ class Sender:
 
     # -- one reply -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _send_span(self, reply: store.ReplyRow, part_no: int, via: str) -> Iterator[Span]:
+        """The span of one part's send, in the trace the reply was generated in (a new trace
+        when the row has none)."""
+        with _tracer.start_as_current_span(
+            "whatsapp send",
+            context=extract_context(reply.trace_context),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "orbion.stage": "send",
+                "orbion.correlation_id": reply.correlation_id,
+                "orbion.reply_key": reply.reply_key,
+                "orbion.send.via": via,
+                "orbion.send.part": part_no,
+                "orbion.send.parts": len(reply.parts),
+            },
+        ) as span:
+            yield span
+
     async def send_reply(self, reply: store.ReplyRow) -> bool:
         """Send the remaining parts of ``reply``; True when it is settled (sent or failed)."""
         for index in range(reply.parts_sent, len(reply.parts)):
@@ -245,17 +275,21 @@ class Sender:
 
     async def _write_outbox(self, reply: store.ReplyRow, part_no: int) -> None:
         provider_id = "outbox." + stable_event_id("outbox", reply.reply_key, str(part_no))
-        async with self.pool.acquire() as conn, conn.transaction():
-            await store.insert_outbox(
-                conn,
-                provider_message_id=provider_id,
-                reply_key=reply.reply_key,
-                part=part_no,
-                phone=reply.phone,
-                text=reply.parts[part_no - 1],
-                reply_to_message_id=reply.reply_to_message_id,
-            )
-            await self._record_sent(conn, reply, part_no, provider_id, "outbox")
+        # The write is the send: its statements are not traced one by one, so that the whole
+        # span counts as the send stage (the monitor would give a plain llm-proxy SQL span to
+        # the llm stage). MessageSent is appended in the span: the relay publishes it in this trace.
+        with self._send_span(reply, part_no, "outbox"), suppress_instrumentation():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await store.insert_outbox(
+                    conn,
+                    provider_message_id=provider_id,
+                    reply_key=reply.reply_key,
+                    part=part_no,
+                    phone=reply.phone,
+                    text=reply.parts[part_no - 1],
+                    reply_to_message_id=reply.reply_to_message_id,
+                )
+                await self._record_sent(conn, reply, part_no, provider_id, "outbox")
         SENT_PARTS.labels("outbox").inc()
         self.on_appended()
 
@@ -272,7 +306,8 @@ class Sender:
         reply_to = reply.reply_to_message_id if part_no == 1 else ""
         started = time.perf_counter()
         try:
-            provider_id = await self.breaker.call(self.provider.send_text, reply.phone, text, reply_to)
+            with self._send_span(reply, part_no, self.via) as span:
+                provider_id = await self.breaker.call(self.provider.send_text, reply.phone, text, reply_to)
         except BreakerOpen as exc:
             await self._reschedule(reply, max(exc.retry_after, 0.2), "whatsapp breaker open", count=False)
             return False
@@ -281,8 +316,11 @@ class Sender:
         except TimeoutError as exc:  # the breaker's call timeout: no answer, like a read timeout
             return await self._on_send_error(reply, SendError(str(exc), status=None, code=None))
         SEND_SECONDS.labels(self.via).observe(time.perf_counter() - started)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self._record_sent(conn, reply, part_no, provider_id, self.via)
+        # Recorded under the ended send span: the end-to-end latency stops when WhatsApp
+        # accepted the part, and MessageSent (stored with this context) stays in the trace.
+        with trace.use_span(span, end_on_exit=False):
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self._record_sent(conn, reply, part_no, provider_id, self.via)
         SENT_PARTS.labels(self.via).inc()
         self.on_appended()
         return None

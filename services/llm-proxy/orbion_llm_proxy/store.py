@@ -1,14 +1,15 @@
 """All of the llm-proxy's SQL (asyncpg), besides the event store itself (orbion_common.eventstore).
 
 Functions take the connection first so the caller owns the transaction. Tables are in
-``migrations/001_replies.sql``: ``replies`` (one row per reply_key: text and send progress),
+``migrations/``: ``replies`` (one row per reply_key: text, send progress and the trace context
+it was generated in),
 ``outbox`` (the local "WhatsApp" without a provider), ``sheet_exports`` / ``sheet_exported``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ class ReplyRow:
     next_attempt_at: datetime
     last_error: str
     created_at: datetime
+    trace_context: dict[str, str] | None = None  # W3C headers of the span that generated it
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> ReplyRow:
@@ -49,6 +51,8 @@ class ReplyRow:
         data.pop("updated_at", None)
         data["parts"] = list(data["parts"])
         data["provider_message_ids"] = list(data["provider_message_ids"])
+        raw = data.get("trace_context")
+        data["trace_context"] = json.loads(raw) if raw else None
         return cls(**data)
 
 
@@ -69,12 +73,15 @@ async def insert_reply(
     source: str,
     correlation_id: str,
     causation_id: str,
+    trace_context: Mapping[str, str] | None = None,
 ) -> bool:
-    """Store a reply to send; False when ``reply_key`` is already stored (nothing changes)."""
+    """Store a reply to send; False when ``reply_key`` is already stored (nothing changes).
+
+    ``trace_context`` (``traceparent``/``tracestate``) is where the sender's span will continue."""
     seq = await conn.fetchval(
         """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
-                                correlation_id, causation_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                correlation_id, causation_id, trace_context)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
            ON CONFLICT (reply_key) DO NOTHING RETURNING seq""",
         reply_key,
         phone,
@@ -85,6 +92,7 @@ async def insert_reply(
         source,
         correlation_id,
         causation_id,
+        json.dumps(dict(trace_context)) if trace_context else None,
     )
     return seq is not None
 

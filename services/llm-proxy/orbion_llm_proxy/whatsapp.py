@@ -3,8 +3,9 @@
 A provider sends one text and returns the provider's message id, or raises :class:`SendError`
 with the HTTP status and the provider's error code, classified by ``domain.classify_send_error``.
 The local outbox is not here: it is a table written in the sender's transaction (store.py),
-so it needs no HTTP call and has no crash window. Ordering, pacing, retries and the breaker
-are the sender's job (sender.py).
+so it needs no HTTP call and has no crash window. Ordering, pacing, retries, the breaker and
+the ``whatsapp send`` span are the sender's job (sender.py); a provider only adds the HTTP
+status to that span.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from typing import Any, Protocol
 
 import httpx
+from opentelemetry import trace
 
 from .domain import SendVerdict, classify_send_error
 from .settings import Settings
@@ -75,7 +77,7 @@ class CloudApi:
         if reply_to_message_id:
             body["context"] = {"message_id": reply_to_message_id}
         try:
-            response = await self._client.post(self.url, json=body, headers=self._headers)
+            response = _traced(await self._client.post(self.url, json=body, headers=self._headers))
         except httpx.HTTPError as exc:
             raise _transport_error(exc) from exc
         data = _json(response)
@@ -112,7 +114,7 @@ class Evolution:
         if reply_to_message_id:
             body["quoted"] = {"key": {"id": reply_to_message_id}}
         try:
-            response = await self._client.post(self.url, json=body, headers=self._headers)
+            response = _traced(await self._client.post(self.url, json=body, headers=self._headers))
         except httpx.HTTPError as exc:
             raise _transport_error(exc) from exc
         data = _json(response)
@@ -125,6 +127,11 @@ class Evolution:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _traced(response: httpx.Response) -> httpx.Response:
+    trace.get_current_span().set_attribute("http.response.status_code", response.status_code)
+    return response
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
