@@ -5,11 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := -e libs/common[local] -e services/gateway -e services/conversation \
-            -e services/lead -e services/llm-proxy -e services/monitor
+            -e services/lead -e services/llm-proxy -e services/monitor -e tools/loadtest
 
 .PHONY: install run test lint typecheck bench clean
 
-$(STAMP): requirements/constraints.txt requirements/dev.txt libs/common/pyproject.toml services/*/pyproject.toml
+$(STAMP): requirements/constraints.txt requirements/dev.txt libs/common/pyproject.toml services/*/pyproject.toml \
+          tools/loadtest/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements/constraints.txt $(PACKAGES) -r requirements/dev.txt

@@ -135,9 +135,9 @@ def generic_topic(text: str) -> str | None:
     return None
 
 
-def cache_key(text: str, stage: str, prompt_version: str) -> str:
+def cache_key(text: str, stage: str, prompt_version: str, prefix: str = "orbion:") -> str:
     digest = hashlib.sha256(f"{normalise(text)}\x1f{stage}\x1f{prompt_version}".encode()).hexdigest()
-    return f"orbion:llm:reply:{digest[:40]}"
+    return f"{prefix}llm:reply:{digest[:40]}"
 
 
 # -- structured output -----------------------------------------------------------------------

@@ -201,7 +201,7 @@ class Responder:
             return self._fallback(req, language, "no_api_key")
         key = None
         if self.cache is not None and generic_topic(req.text):
-            key = cache_key(req.text, req.lead_stage, self.prompt.version)
+            key = cache_key(req.text, req.lead_stage, self.prompt.version, self.settings.redis_key_prefix)
             hit = await self.cache.get(key)
             CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
             if hit is not None:

@@ -1,0 +1,71 @@
+"""The load tool end to end, briefly: a few seconds of open-loop webhooks against the real stack.
+
+Starts the five services (tests/integration/system.py, through the load tool's Stack) against
+this session's Postgres and Redis, a JetStream server of the run's own and the instrumented
+fakes, sends 4 msg/s for 3 s and checks what the tool reports: every webhook accepted, every
+due reply delivered once, latencies measured, a report written. The full ladder is
+`orbion loadtest`, not a test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from orbion_loadtest import report
+from orbion_loadtest.runner import Runner, StepPlan
+from orbion_loadtest.scenarios import Scenario
+from orbion_loadtest.schedule import constant
+from orbion_loadtest.stack import Stack
+
+
+@pytest.fixture
+def urls(request) -> tuple[str, str]:
+    found = []
+    for fixture, env in (
+        ("database_url", "ORBION_TEST_DATABASE_URL"),
+        ("redis_url", "ORBION_TEST_REDIS_URL"),
+    ):
+        try:
+            found.append(request.getfixturevalue(fixture))
+        except pytest.FixtureLookupError:
+            value = os.environ.get(env, "")
+            if not value:
+                pytest.skip(f"no {fixture} fixture and no {env}")
+            found.append(value)
+    return found[0], found[1]
+
+
+@pytest.mark.slow
+async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_it(urls, tmp_path):
+    database_url, redis_url = urls
+    stack = Stack(tmp_path / "stack", quiet_period=0.5, urls=("", database_url, redis_url), own_nats=True)
+    async with (
+        stack as target,
+        Runner(
+            target, Scenario(seed=3, run_tag=77), progress=False, drain_timeout=20, history_sample=50
+        ) as runner,
+    ):
+        step = await runner.run_step(StepPlan("smoke 4/s", constant(4.0, 3.0)))
+
+    assert step["sent"] == 12
+    assert step["errors"] == 0, step["error_kinds"]
+    assert step["replies_due"] > 0
+    assert step["lost"] == 0, step["lost_examples"]
+    assert step["duplicate_sends"] == 0, step["duplicate_examples"]
+    assert step["unwanted_replies"] == 0
+    assert step["missing_in_history"]["missing"] == 0, step["missing_in_history"]
+    assert step["e2e_ms"]["count"] > 0 and step["ack_ms"]["count"] == 12
+    assert step["e2e_ms"]["p50"] >= 500  # a reply never beats the 0.5 s quiet period
+    assert step["reply_sources"].get("llm", 0) > 0  # answered through the fake OpenAI
+    assert all(step["resources"][s]["rss_peak_mb"] for s in ("gateway", "conversation", "lead", "llm-proxy"))
+
+    meta = {
+        "mode": "smoke",
+        "machine": report.machine(),
+        "slo": {"p99_ms": 1000.0, "error_rate": 0.001},
+        "quiet_period_s": 0.5,
+        "settings": target.settings,
+    }
+    path = report.write(tmp_path, meta, [step])
+    assert "| smoke 4/s |" in path.read_text()
