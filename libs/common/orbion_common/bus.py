@@ -11,7 +11,8 @@ Owns the delivery policy every service shares, stated here once:
   sends "in progress" so that slow handlers are not redelivered under their own feet.
   A handler that raises gets the message nakked with a growing delay (``ConsumerSpec.nak_delays``);
   on the last allowed delivery the message is republished to ``<root>.dlq.<durable>`` with the
-  error, then termed.
+  error, then termed. An outage (a dependency unreachable: :func:`is_outage`) never counts: the
+  message waits, nakked, for as long as the outage lasts.
   Bytes that are not an event are dead-lettered at once: retrying cannot fix them.
 - Within a fetched batch, events of one ``stream_id`` run one after the other, in order; other
   streams run concurrently. If one fails, the later events of its stream in that batch are
@@ -35,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import nats
 import nats.errors
 import nats.js.errors
@@ -53,6 +55,8 @@ from nats.js.api import (
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .events import Envelope, Event, UndecodableEvent, decode, encode
 from .settings import CommonSettings
@@ -85,6 +89,37 @@ PUBLISH_SECONDS = Histogram(
 
 class BusUnavailable(RuntimeError):
     """NATS or JetStream did not acknowledge in time; nothing can be promised about the publish."""
+
+
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionRefusedError, ConnectionResetError, ...
+    TimeoutError,
+    BusUnavailable,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says a dependency is unreachable rather than that the message is bad.
+
+    An outage is waited out (nakked with the longest delay, for as long as it lasts): dead-lettering
+    a good message because Postgres restarted would lose it. Only other errors count towards
+    ``max_deliver``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _OUTAGES):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def partition_of(stream_id: str) -> int:
@@ -137,9 +172,9 @@ class ConsumerSpec:
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.NEW if self.deliver_new_only else DeliverPolicy.ALL,
-            # Our own count decides dead-lettering; the server's limit is one higher so that the
-            # last delivery reaches the handler and can be dead-lettered with its error.
-            max_deliver=self.max_deliver + 1,
+            # Unlimited on the server: our own rule decides dead-lettering (see is_outage), so a
+            # message is never left undelivered and unacked because a database was down.
+            max_deliver=-1,
             ack_wait=self.ack_wait_seconds,
             max_ack_pending=max(self.batch_size * 4, 256),
             **filters,
@@ -421,7 +456,7 @@ class Bus:
                 raise
             except Exception as exc:
                 span.record_exception(exc)
-                if num_delivered >= spec.max_deliver:
+                if num_delivered >= spec.max_deliver and not is_outage(exc):
                     log.error(
                         "consumer %s gives up on %s %s after %d deliveries: %r",
                         spec.durable,

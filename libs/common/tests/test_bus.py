@@ -233,3 +233,34 @@ async def test_a_handler_slower_than_ack_wait_is_not_redelivered_while_it_works(
     await wait_for(lambda: deliveries == [1])
     await asyncio.sleep(3.5)
     assert deliveries == [1]
+
+
+def test_unreachable_dependencies_are_outages_and_bad_data_is_not():
+    import asyncpg
+    from orbion_common.bus import is_outage
+
+    assert is_outage(ConnectionRefusedError(111, "Connection refused"))
+    assert is_outage(asyncpg.CannotConnectNowError("the database system is starting up"))
+    wrapped = RuntimeError("while recording")
+    wrapped.__cause__ = ConnectionResetError()
+    assert is_outage(wrapped)
+    assert not is_outage(ValueError("bad payload"))
+    assert not is_outage(KeyError("phone"))
+
+
+async def test_an_outage_longer_than_max_deliver_does_not_dead_letter_the_message(bus, unique):
+    attempts: list[int] = []
+
+    async def database_down_for_a_while(event, delivery):
+        attempts.append(delivery.num_delivered)
+        if len(attempts) <= 6:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    spec = ConsumerSpec(
+        durable=f"outage{unique}", event_types=("MessageReceived",), max_deliver=2, nak_delays=(0.05,)
+    )
+    bus.consume(spec, database_down_for_a_while)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: len(attempts) == 7, within=10)
+    await asyncio.sleep(0.2)
+    assert await stream_count(bus, f"{bus.settings.stream_name}_DLQ") == 0
