@@ -125,8 +125,8 @@ def rss_mb(system: FaultSystem, name: str) -> float | None:
 
 
 # 5xx found by this test and reported to their owners; the test xfails while only these remain.
-# lead: GET /api/leads/{phone}/events?after_version=<over 2**31> -> OverflowError in asyncpg (int4).
-KNOWN_5XX = (("GET /api/leads/", "/events -> 500"),)
+# (The lead's after_version over 2**31, found here, is fixed: the route bounds it.)
+KNOWN_5XX: tuple[tuple[str, ...], ...] = ()
 
 
 def fuzz_service(base_url: str, examples: int) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def build_app(settings: Settings, deps: Deps) -> FastAPI:
     async def lead_events(
         phone: Phone,
         key: ApiKey,
-        after_version: Annotated[int, Query(ge=0)] = 0,
+        after_version: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # a Postgres integer
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
     ) -> dict[str, Any]:
         async with deps.pool.acquire() as conn:
