@@ -23,7 +23,7 @@ from typing import Any
 
 from .otlp import KIND_CONSUMER, KIND_SERVER, SpanRecord
 
-#: Stages of a message's critical path, in order. Time inside no such span is queue wait.
+#: Stages of a message's critical path, in order. Time inside no span of the path is queue wait.
 STAGES = ("gateway", "queue", "conversation", "llm", "send")
 _TIMED_STAGES = frozenset({"gateway", "conversation", "llm", "send", "queue"})
 OTHER = "_other"
@@ -229,34 +229,160 @@ def _is_webhook(span: SpanRecord, stage: str) -> bool:
     return span.stage == "gateway" or "webhook" in span.name.lower()
 
 
-def breakdown(spans: Iterable[SpanRecord], start_ns: int, end_ns: int) -> dict[str, float]:
-    """Seconds of ``[start_ns, end_ns]`` spent in each stage.
+def effective_stages(spans: Sequence[SpanRecord]) -> dict[str, str]:
+    """Each span's stage (by span id), as the breakdown sees it: its ``orbion.stage``, else that of
+    its nearest ancestor *in the same service* that has one, else :func:`classify`'s guess.
 
-    Each instant goes to the innermost (latest started) active span of the critical path;
-    instants covered by none are queue wait (the message sat in JetStream or in an outbox).
-    Spans off the critical path (the lead service, "other") are ignored: they run beside it.
+    The inheritance stops at a service boundary: a consumer span continues its producer's trace,
+    but the gateway's ``orbion.stage = "gateway"`` must not make the conversation "gateway".
     """
-    intervals: list[tuple[int, int, str]] = []
+    by_id = {s.span_id: s for s in spans}
+    memo: dict[str, str] = {}
     for span in spans:
-        stage = classify(span)
-        if stage not in _TIMED_STAGES:
+        _stage_of(span, by_id, memo)
+    return memo
+
+
+def _stage_of(span: SpanRecord, by_id: dict[str, SpanRecord], memo: dict[str, str]) -> str:
+    known = memo.get(span.span_id)
+    if known is not None:
+        return known
+    stage = span.stage
+    if not stage:
+        ancestor = by_id.get(span.parent_id) if span.parent_id else None
+        hops = 0
+        while ancestor is not None and ancestor.service == span.service and hops < len(by_id):
+            if ancestor.stage:
+                stage = ancestor.stage
+                break
+            ancestor = by_id.get(ancestor.parent_id) if ancestor.parent_id else None
+            hops += 1  # parent links come from the wire: a cycle must not hang the monitor
+        if not stage:
+            stage = classify(span)
+    memo[span.span_id] = stage
+    return stage
+
+
+def critical_chain(spans: Sequence[SpanRecord], end_ns: int) -> list[tuple[SpanRecord, str]]:
+    """The spans the message's end waited on, deepest first, each with its stage: the send span
+    that ended last (at or before ``end_ns``), then its parent, grandparent... by ``parent_id``
+    (across services: the trace context is propagated) up to the root, or to the first parent
+    that is not among ``spans`` (another trace, not arrived yet, or beyond the per-trace cap).
+    Empty when no send span is kept."""
+    send: SpanRecord | None = None
+    for span in spans:  # fast path: the span that defines end_ns is usually the send itself
+        if span.end_ns != end_ns or (send is not None and span.start_ns <= send.start_ns):
             continue
-        lo, hi = max(span.start_ns, start_ns), min(span.end_ns, end_ns)
-        if hi > lo:
-            intervals.append((lo, hi, stage))
+        if classify(span) == "send":
+            send = span
+    if send is None:
+        for span in spans:
+            if span.end_ns > end_ns or (
+                send is not None and (span.end_ns, span.start_ns) <= (send.end_ns, send.start_ns)
+            ):
+                continue
+            if classify(span) == "send":
+                send = span
+    if send is None:
+        return []
+    by_id = {s.span_id: s for s in spans}
+    chain = [send]
+    seen = {send.span_id}
+    parent = by_id.get(send.parent_id) if send.parent_id else None
+    while parent is not None and parent.span_id not in seen:  # a cyclic parent link ends the walk
+        chain.append(parent)
+        seen.add(parent.span_id)
+        parent = by_id.get(parent.parent_id) if parent.parent_id else None
+    # Stages top-down: a span without orbion.stage inherits from the nearest chain ancestor of
+    # its own service that has one (see effective_stages), else the guess.
+    staged: list[tuple[SpanRecord, str]] = []
+    inherited = ""
+    service = None
+    for span in reversed(chain):
+        if span.service != service:
+            inherited, service = "", span.service
+        if span.stage:
+            inherited = span.stage
+        staged.append((span, inherited or classify(span)))
+    staged.reverse()
+    return staged
+
+
+def breakdown(spans: Iterable[SpanRecord], start_ns: int, end_ns: int) -> dict[str, float]:
+    """Seconds of ``[start_ns, end_ns]`` spent in each stage, summing to ``end_ns - start_ns``.
+
+    Only the critical path counts (see :func:`critical_chain`): each instant belongs to the
+    deepest span of the chain running then, with that span's stage; the chain's other
+    descendants (SQL and Redis spans, the chat call under ``process ReplyRequested``) are part of
+    their chain ancestor's time, and work beside the path in the same trace (the lead service,
+    the conversation recording ``ReplyGenerated`` during the send) takes nothing. Earlier parts
+    of a split reply (send spans sharing the last send's parent) count as send. Instants covered
+    by no chain span are queue wait (the message sat in JetStream, an outbox or the reply table).
+
+    When the chain does not reach back to ``start_ns`` (it broke at a trace stitched by
+    correlation id, or a span is missing), instants it does not cover fall back to the older
+    rule: the latest started span with a timed stage running then, else queue.
+    """
     result = dict.fromkeys(STAGES, 0.0)
     if end_ns <= start_ns:
         return result
-    points = sorted({start_ns, end_ns, *(i[0] for i in intervals), *(i[1] for i in intervals)})
-    intervals.sort()
+    spans = spans if isinstance(spans, list) else list(spans)
+    chain = critical_chain(spans, end_ns)
+    bounds = {start_ns, end_ns}
+    # (lo, hi, depth, stage): depth 0 is the send; deeper wins, so a lower depth wins.
+    on_path: list[tuple[int, int, int, str]] = []
+    for depth, (span, stage) in enumerate(chain):
+        lo = span.start_ns if span.start_ns > start_ns else start_ns
+        hi = span.end_ns if span.end_ns < end_ns else end_ns
+        if hi > lo and stage in _TIMED_STAGES:
+            on_path.append((lo, hi, depth, stage))
+            bounds.add(lo)
+            bounds.add(hi)
+    if chain:
+        send = chain[0][0]
+        for span in spans:
+            if span.parent_id == send.parent_id and span is not send and classify(span) == "send":
+                lo = span.start_ns if span.start_ns > start_ns else start_ns
+                hi = span.end_ns if span.end_ns < end_ns else end_ns
+                if hi > lo:
+                    on_path.append((lo, hi, 0, "send"))
+                    bounds.add(lo)
+                    bounds.add(hi)
+    broken = not chain or chain[-1][0].start_ns > start_ns or chain[0][0].end_ns < end_ns
+    beside: list[tuple[int, int, str]] = []
+    if broken:
+        chain_ids = {span.span_id for span, _ in chain}
+        for span in spans:
+            if span.span_id in chain_ids:
+                continue
+            stage = classify(span)
+            if stage not in _TIMED_STAGES:
+                continue
+            lo = span.start_ns if span.start_ns > start_ns else start_ns
+            hi = span.end_ns if span.end_ns < end_ns else end_ns
+            if hi > lo:
+                beside.append((lo, hi, stage))
+                bounds.add(lo)
+                bounds.add(hi)
+        beside.sort()
+    on_path.sort()
+    points = sorted(bounds)
     for a, b in itertools.pairwise(points):
-        chosen = "queue"
-        latest = -1
-        for lo, hi, stage in intervals:
+        chosen = ""
+        deepest = len(chain) + 1
+        for lo, hi, depth, stage in on_path:
             if lo > a:
                 break  # sorted by start: no later interval covers a
-            if hi >= b and lo >= latest:
-                latest, chosen = lo, stage
+            if hi >= b and depth < deepest:
+                deepest, chosen = depth, stage
+        if not chosen:
+            chosen = "queue"
+            latest = -1
+            for lo, hi, stage in beside:
+                if lo > a:
+                    break
+                if hi >= b and lo >= latest:
+                    latest, chosen = lo, stage
         result[chosen] = result.get(chosen, 0.0) + (b - a) / 1e9
     return result
 
@@ -618,6 +744,7 @@ class Aggregator:
         spans = sorted(state.spans, key=lambda s: s.start_ns)
         origin = state.gateway_start or (spans[0].start_ns if spans else 0)
         complete = state.e2e is not None
+        stages = effective_stages(spans)
         return {
             "trace_id": state.trace_id,
             "trace_ids": state.trace_ids,
@@ -632,7 +759,7 @@ class Aggregator:
                     "parent_id": s.parent_id or None,
                     "service": s.service,
                     "name": s.name,
-                    "stage": classify(s),
+                    "stage": stages[s.span_id],
                     "kind": s.kind,
                     "error": s.error,
                     "offset_ms": round((s.start_ns - origin) / 1e6, 3),

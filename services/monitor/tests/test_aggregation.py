@@ -195,3 +195,118 @@ def test_traces_broken_by_an_outbox_relay_are_stitched_by_correlation_id_in_any_
         detail = agg.trace(trace_id)
         assert detail is not None and len(detail["spans"]) == 8
         assert sorted(detail["trace_ids"]) == sorted(traces)
+
+
+# -- the critical path: a message's stages are the spans its send waited on ------------------------
+
+MS = 1_000_000
+T0 = 1_700_000_000 * 10**9  # the webhook's start (0 means "no gateway span yet" to the aggregator)
+
+
+def path_span(
+    span_id: str,
+    parent: str,
+    service: str,
+    name: str,
+    start_ms: float,
+    end_ms: float,
+    *,
+    stage: str = "",
+    kind: int = 1,
+    trace: str = "c0" * 16,
+) -> SpanRecord:
+    return SpanRecord(
+        trace, span_id.ljust(16, "0"), parent.ljust(16, "0") if parent else "", service, name, kind,
+        T0 + int(start_ms * MS), T0 + int(end_ms * MS), False, stage,
+    )  # fmt: skip
+
+
+def message_with_side_work() -> list[SpanRecord]:
+    """One message whose critical path is webhook -> publish -> process MessageReceived ->
+    publish ReplyRequested -> process ReplyRequested -> whatsapp send (stages, in ms: gateway
+    0-10, queue 10-20, conversation 20-40, queue 40-50, llm 50-760, queue 760-770, send 770-820),
+    plus work of the same trace beside that path, in the queue gap and during the send."""
+    return [
+        path_span("a1", "", "gateway", "POST /webhooks/whatsapp", 0, 10, stage="gateway", kind=KIND_SERVER),
+        path_span("a2", "a1", "gateway", "publish MessageReceived", 4, 8),
+        # Beside the path: a consumer of the same event, in the queue gap before the conversation.
+        path_span("b1", "a2", "conversation", "process LeadChanged", 12, 18),
+        path_span("a3", "a2", "conversation", "process MessageReceived", 20, 40),
+        path_span("a4", "a3", "conversation", "publish ReplyRequested", 30, 35),
+        path_span("a5", "a4", "llm-proxy", "process ReplyRequested", 50, 760),
+        path_span("a6", "a5", "llm-proxy", "chat gpt-4o-mini", 55, 750, stage="llm"),
+        path_span("b2", "a5", "llm-proxy", "publish ReplyGenerated", 755, 758),
+        # Beside the path: the conversation records ReplyGenerated while the reply is being sent.
+        path_span("b3", "b2", "conversation", "process ReplyGenerated", 780, 800),
+        path_span("b4", "b3", "conversation", "INSERT orbion", 782, 790),
+        path_span("a7", "a5", "llm-proxy", "whatsapp send", 770, 820, stage="send"),
+    ]
+
+
+def test_work_beside_the_critical_path_takes_no_time_from_its_stages() -> None:
+    agg = Aggregator(clock=Clock())
+    agg.add(message_with_side_work())
+    (slow,) = agg.slowest()
+    assert slow["end_to_end_seconds"] == pytest.approx(0.820)
+    assert slow["stages"] == pytest.approx(
+        {"gateway": 0.010, "queue": 0.030, "conversation": 0.020, "llm": 0.710, "send": 0.050}
+    )
+    # The latest-started rule would have given the queue gap to the conversation and part of
+    # the send to the conversation's "process ReplyGenerated".
+    assert sum(slow["stages"].values()) == pytest.approx(slow["end_to_end_seconds"])
+
+
+def test_stages_sum_to_end_to_end_whatever_order_the_spans_arrive_in() -> None:
+    spans = message_with_side_work()
+    for seed in range(5):
+        random.Random(seed).shuffle(spans)
+        agg = Aggregator(clock=Clock())
+        for i in range(0, len(spans), 3):
+            agg.add(spans[i : i + 3])
+        (slow,) = agg.slowest()
+        assert sum(slow["stages"].values()) == pytest.approx(slow["end_to_end_seconds"], abs=1e-9)
+        assert slow["stages"]["send"] == pytest.approx(0.050)
+        assert slow["stages"]["queue"] == pytest.approx(0.030)
+
+
+def test_a_span_without_stage_inherits_its_parents_stage() -> None:
+    spans = [s for s in message_with_side_work() if s.name != "whatsapp send"] + [
+        path_span("c1", "a5", "llm-proxy", "deliver reply", 770, 820, stage="send"),
+        # No orbion.stage, and its name would make the guess "llm": it takes its parent's "send".
+        path_span("c2", "c1", "llm-proxy", "render part", 775, 815),
+        path_span("c3", "c2", "llm-proxy", "whatsapp send", 780, 820, stage="send"),
+    ]
+    parts = breakdown(spans, T0, T0 + 820 * MS)
+    assert parts["send"] == pytest.approx(0.050)
+    assert parts["llm"] == pytest.approx(0.710)
+    agg = Aggregator(clock=Clock())
+    agg.add(spans)
+    detail = agg.trace("c0" * 16)
+    assert detail is not None
+    stages = {s["name"]: s["stage"] for s in detail["spans"]}
+    assert stages["render part"] == "send"
+    # Inheritance stops at a service boundary: the conversation is not "gateway".
+    assert stages["process MessageReceived"] == "conversation"
+
+
+def test_every_part_of_a_split_reply_counts_as_send() -> None:
+    spans = [s for s in message_with_side_work() if s.name != "whatsapp send"] + [
+        path_span("d1", "a5", "llm-proxy", "whatsapp send", 770, 790, stage="send"),
+        path_span("d2", "a5", "llm-proxy", "whatsapp send", 795, 820, stage="send"),
+    ]
+    parts = breakdown(spans, T0, T0 + 820 * MS)
+    assert parts["send"] == pytest.approx(0.045)
+    assert parts["queue"] == pytest.approx(0.035)
+
+
+def test_a_send_in_a_trace_of_its_own_falls_back_to_the_latest_started_span_before_it() -> None:
+    # A reply stored without trace context: its send is the root of another trace, stitched
+    # back by correlation id. Before the send, the older rule still gives sensible stages.
+    spans = [s for s in message_with_side_work() if s.name != "whatsapp send"] + [
+        path_span("e1", "", "llm-proxy", "whatsapp send", 770, 820, stage="send", trace="e0" * 16)
+    ]
+    parts = breakdown(spans, T0, T0 + 820 * MS)
+    assert parts["send"] == pytest.approx(0.050)
+    assert parts["gateway"] == pytest.approx(0.010)
+    assert parts["llm"] == pytest.approx(0.710)
+    assert sum(parts.values()) == pytest.approx(0.820)
