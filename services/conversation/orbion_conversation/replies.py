@@ -161,12 +161,14 @@ class ReplyScheduler:
         on_emitted: Callable[[], None] = lambda: None,
         poll_seconds: float = 0.25,
         batch_size: int = 50,
+        concurrency: int = 4,
     ) -> None:
         self.pool = pool
         self.ctx = ctx
         self.on_emitted = on_emitted
         self.poll_seconds = poll_seconds
         self.batch_size = batch_size
+        self.concurrency = concurrency
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -178,29 +180,49 @@ class ReplyScheduler:
         self._wake.set()
 
     async def emit_due(self, now: datetime | None = None) -> int:
-        """Emit every burst due at ``now``; returns how many ReplyRequested were appended."""
-        emitted = 0
+        """Emit every burst due at ``now`` (up to ``batch_size``); returns how many ReplyRequested
+        were appended.
+
+        One short transaction per burst, a few at a time. A single transaction over the whole
+        round held every claimed pending row (the consumer's next message of those contacts,
+        and with it its whole fetched batch, waited) and an open xid that kept every relay of
+        the database from publishing past it, for as long as the round took: seconds under load.
+        """
         now = now or utcnow()
-        async with self.pool.acquire() as conn, conn.transaction():
-            for row in await store.claim_due(conn, now, self.batch_size):
-                phone = row.reply.phone
-                try:
-                    stored = await emit(
-                        conn, self.ctx, phone, row.reply.inbound_ids, row.correlation_id, row.causation_id
-                    )
-                except ConcurrencyError:
-                    continue  # the contact's stream moved (a late inbound); next round
-                await store.delete_pending(conn, phone)
-                if stored is not None:
-                    emitted += 1
-                    EMIT_LAG.observe(max(0.0, (utcnow() - row.reply.due_at).total_seconds()))
-                    log.info(
-                        "reply requested",
-                        extra={"phone": mask_phone(phone), "messages": len(row.reply.inbound_ids)},
-                    )
-        if emitted:
-            self.on_emitted()
+        async with self.pool.acquire() as conn:
+            # Outside a transaction: only a list of candidates; rows another replica is
+            # emitting right now are skipped. Each one is locked again and re-read below.
+            candidates = await store.claim_due(conn, now, self.batch_size)
+        limit = asyncio.Semaphore(max(1, self.concurrency))
+
+        async def one(phone: str) -> bool:
+            async with limit:
+                return await self._emit_one(phone, now)
+
+        emitted = sum(await asyncio.gather(*(one(row.reply.phone) for row in candidates)))
         return emitted
+
+    async def _emit_one(self, phone: str, now: datetime) -> bool:
+        """Emit the contact's burst if it is still due; True when a ReplyRequested was appended."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await store.load_pending(conn, phone)  # lock order: the pending row first
+                if row is None or row.reply.due_at > now:
+                    return False  # emitted by another replica, or the contact wrote again meanwhile
+                stored = await emit(
+                    conn, self.ctx, phone, row.reply.inbound_ids, row.correlation_id, row.causation_id
+                )
+                await store.delete_pending(conn, phone)
+        except ConcurrencyError:
+            return False  # the contact's stream moved (a late inbound): rolled back, next round
+        if stored is None:
+            return False
+        EMIT_LAG.observe(max(0.0, (utcnow() - row.reply.due_at).total_seconds()))
+        log.info(
+            "reply requested", extra={"phone": mask_phone(phone), "messages": len(row.reply.inbound_ids)}
+        )
+        self.on_emitted()  # per burst: the relay publishes each request as soon as it committed
+        return True
 
     async def run(self) -> None:
         while not self._stopping.is_set():

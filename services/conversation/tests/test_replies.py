@@ -177,3 +177,44 @@ async def test_a_verification_committed_while_the_scheduler_decides_is_never_ove
         stream = await ctx.store.load_stream(conn, phone)
         assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 0
     assert [s.event.type for s in stream] == ["MessageReceived", "HumanVerificationRequested"]
+
+
+class _SeesOtherRequests(Projection):
+    """The scheduler's projection: when it reads a contact, it notes which of the other contacts'
+    reply requests a separate connection (the relay's) can already see."""
+
+    def __init__(self, pool: asyncpg.Pool, store: EventStore, phones: list[str]) -> None:
+        super().__init__()
+        self.pool, self.store, self.phones = pool, store, phones
+        self.seen: dict[str, list[str]] = {}
+
+    async def load_contact(
+        self, conn: asyncpg.Connection | asyncpg.Pool, phone: str
+    ) -> domain.ContactSummary | None:
+        async with self.pool.acquire() as other:
+            self.seen[phone] = [
+                p
+                for p in self.phones
+                if any(s.event.type == "ReplyRequested" for s in await self.store.load_stream(other, p))
+            ]
+        return await super().load_contact(conn, phone)
+
+
+async def test_each_reply_request_is_committed_before_the_next_burst_is_decided(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """One transaction per burst: the relay can publish the first contact's request while the
+    scheduler is still deciding the others (it used to wait for the whole round to commit)."""
+    deps, _ = quiet_deps(pool, schema, redis)
+    phones = [new_phone() for _ in range(3)]
+    for i, phone in enumerate(phones):
+        await record_event(deps, inbound(phone, f"wamid.C{i}", "Oi", seconds=i))
+    ctx = deps.ctx
+    watching = _SeesOtherRequests(pool, EventStore(schema), phones)
+    scheduler = ReplyScheduler(
+        pool, ReplyContext(ctx.store, watching, ctx.history, ctx.quiet_seconds), concurrency=1
+    )
+    assert await scheduler.emit_due(utcnow() + LATER) == 3
+    assert watching.seen == {phones[0]: [], phones[1]: phones[:1], phones[2]: phones[:2]}
+    for phone in phones:
+        assert len(await reply_requests(deps, phone)) == 1
