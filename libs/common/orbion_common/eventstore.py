@@ -10,7 +10,9 @@ together or not at all.
 - ``position`` orders the whole log. Positions are allocated before commit, so a reader that
   simply follows ``position`` could pass a gap that a slower transaction fills later. Followers
   use :meth:`EventStore.read_after`, which reads in ``(tx_id, position)`` order and only below the
-  oldest transaction still running: that part of the log can no longer change.
+  oldest transaction still running: that part of the log can no longer change. The price: that
+  horizon is the whole server's, so a long write transaction anywhere on it (another database
+  included) delays every follower until it ends; keep transactions short.
 """
 
 from __future__ import annotations
