@@ -98,6 +98,7 @@ _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # "cannot switch to state ...": the session was killed under it
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     RedisConnectionError,

@@ -100,6 +100,10 @@ class EventStore:
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
         )
+        self._sql_last_of_type = (
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
+            f"FROM {s}.events WHERE stream_id = $1 AND type = $2 ORDER BY version DESC LIMIT 1"
+        )
         self._sql_all = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body FROM {s}.events "
             f"WHERE position > $1 AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
@@ -190,6 +194,13 @@ class EventStore:
                 )
         except asyncpg.UniqueViolationError as exc:
             raise ConcurrencyError(f"concurrent append: {exc.detail}") from exc
+
+    async def last_of_type(
+        self, conn: asyncpg.Connection, stream_id: str, event_type: str
+    ) -> StoredEvent | None:
+        """The newest event of ``event_type`` in ``stream_id``, if any."""
+        row = await conn.fetchrow(self._sql_last_of_type, stream_id, event_type)
+        return _stored(row) if row else None
 
     async def stream_version(self, conn: asyncpg.Connection, stream_id: str) -> int:
         version: int = await conn.fetchval(self._sql_version, stream_id)

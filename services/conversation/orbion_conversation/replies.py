@@ -130,6 +130,11 @@ async def emit(
         language=summary.language,
         quiet_period_ms=int(ctx.quiet_seconds * 1000),
     )
+    # The contact's previous request: the llm-proxy sends this reply only after that one, so
+    # replies keep the order of the bursts even when a redelivery brings them back out of it.
+    previous = await ctx.store.last_of_type(conn, phone, "ReplyRequested")
+    if previous is not None:
+        payload = payload.model_copy(update={"previous_reply_key": previous.event.payload.reply_key})
     event = ReplyRequested(
         event_id=domain.reply_requested_event_id(payload.reply_key),
         stream_id=phone,

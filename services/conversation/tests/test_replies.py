@@ -48,6 +48,20 @@ async def test_a_burst_of_three_messages_gets_one_reply_request(
     assert await scheduler.emit_due(utcnow() + LATER) == 0  # emitted once
 
 
+async def test_each_reply_request_names_the_contacts_previous_one_so_replies_keep_their_order(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    deps, scheduler = quiet_deps(pool, schema, redis)
+    phone = new_phone()
+    await record_event(deps, inbound(phone, "wamid.O1", "Oi"))
+    assert await scheduler.emit_due(utcnow() + LATER) == 1
+    await record_event(deps, inbound(phone, "wamid.O2", "quanto custa?", seconds=5))
+    assert await scheduler.emit_due(utcnow() + LATER + LATER) == 1
+    first, second = await reply_requests(deps, phone)
+    assert first.payload.previous_reply_key == ""
+    assert second.payload.previous_reply_key == first.payload.reply_key
+
+
 async def test_a_pending_reply_survives_a_crash_of_the_service(
     pool: asyncpg.Pool, schema: str, redis: Redis
 ) -> None:

@@ -108,6 +108,8 @@ class Handlers:
                 correlation_id=reply_event.correlation_id,
                 causation_id=reply_event.event_id,
                 trace_context=inject_context({}),
+                requested_at=event.occurred_at,  # the contact's send order (docs/llm-proxy.md)
+                previous_reply_key=req.previous_reply_key,
             ):
                 return
             await self.events.append(conn, event.stream_id, [reply_event])
@@ -136,6 +138,7 @@ class Handlers:
                 correlation_id=event.correlation_id or event.event_id,
                 causation_id=event.event_id,
                 trace_context=inject_context({}),
+                requested_at=event.occurred_at,
             )
         if stored:
             self.on_reply_stored()

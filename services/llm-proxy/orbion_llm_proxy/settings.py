@@ -75,7 +75,21 @@ class Settings(CommonSettings):
     whatsapp_breaker_reset_seconds: float = Field(
         30.0, description="Seconds the WhatsApp breaker stays open."
     )
-    sender_concurrency: int = Field(64, description="Contacts sent to concurrently.")
+    sender_concurrency: int = Field(
+        64,
+        description="Contacts sent to concurrently; capped at ORBION_DB_POOL_MAX - 2 so that a send "
+        "never waits for a connection between WhatsApp's answer and the commit of its result.",
+    )
+    sender_commit_retry_seconds: float = Field(
+        30.0,
+        description="How long the result of a send (sent or failed) is retried through a database "
+        "outage before the reply is left in doubt (outcome_unknown).",
+    )
+    sender_order_hold_seconds: float = Field(
+        20.0,
+        description="Longest wait of a reply for the contact's previous request (previous_reply_key) "
+        "to be stored, so that replies go out in the conversation's order; then it is sent anyway.",
+    )
     sender_poll_seconds: float = Field(0.5, description="How often the sender looks for due replies.")
 
     # -- Google Sheets ---------------------------------------------------------------------

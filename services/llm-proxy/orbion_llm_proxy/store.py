@@ -44,6 +44,9 @@ class ReplyRow:
     last_error: str
     created_at: datetime
     trace_context: dict[str, str] | None = None  # W3C headers of the span that generated it
+    requested_at: datetime | None = None  # the request's occurred_at: the contact's send order
+    previous_reply_key: str = ""  # the contact's previous request ("" unknown)
+    held: bool = False  # head waiting for its previous request to be stored (due_heads, head_of)
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> ReplyRow:
@@ -74,14 +77,19 @@ async def insert_reply(
     correlation_id: str,
     causation_id: str,
     trace_context: Mapping[str, str] | None = None,
+    requested_at: datetime | None = None,
+    previous_reply_key: str = "",
 ) -> bool:
     """Store a reply to send; False when ``reply_key`` is already stored (nothing changes).
 
-    ``trace_context`` (``traceparent``/``tracestate``) is where the sender's span will continue."""
+    ``trace_context`` (``traceparent``/``tracestate``) is where the sender's span will continue.
+    ``requested_at`` (when the request was made; default now) orders the contact's replies;
+    ``previous_reply_key`` is the contact's previous request, waited for (see ``due_heads``)."""
     seq = await conn.fetchval(
         """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
-                                correlation_id, causation_id, trace_context)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
+                                correlation_id, causation_id, trace_context, requested_at,
+                                previous_reply_key)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, coalesce($11, now()), $12)
            ON CONFLICT (reply_key) DO NOTHING RETURNING seq""",
         reply_key,
         phone,
@@ -93,27 +101,44 @@ async def insert_reply(
         correlation_id,
         causation_id,
         json.dumps(dict(trace_context)) if trace_context else None,
+        requested_at,
+        previous_reply_key,
     )
     return seq is not None
 
 
-async def due_heads(conn: asyncpg.Connection, limit: int) -> list[ReplyRow]:
-    """The oldest unsent reply of each contact, when it is due (later ones wait behind it: order)."""
+# A contact's send order: a reply already started (a part sent, or in flight) first, then by
+# when it was requested (the conversation's order), then by arrival.
+_HEAD_ORDER = "(state = 'pending' AND parts_sent = 0), requested_at, seq"
+# The head waits while the contact's previous request is not stored, for at most $hold seconds
+# after it was stored itself (a request that never comes must not block the contact).
+_HELD = """(r.previous_reply_key <> '' AND r.state = 'pending' AND r.parts_sent = 0
+            AND r.created_at > now() - make_interval(secs => {hold})
+            AND NOT EXISTS (SELECT 1 FROM replies p WHERE p.reply_key = r.previous_reply_key))"""
+
+
+async def due_heads(conn: asyncpg.Connection, limit: int, *, hold_seconds: float = 0.0) -> list[ReplyRow]:
+    """The first unsent reply of each contact, when it is due and not held (later ones wait
+    behind it: order)."""
     rows = await conn.fetch(
-        """SELECT * FROM (
-               SELECT DISTINCT ON (phone) * FROM replies
-               WHERE state IN ('pending', 'sending') ORDER BY phone, seq
+        f"""SELECT * FROM (
+               SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
+               WHERE state IN ('pending', 'sending') ORDER BY phone, {_HEAD_ORDER}
            ) heads
-           WHERE next_attempt_at <= now() ORDER BY seq LIMIT $1""",
+           WHERE next_attempt_at <= now() AND NOT held ORDER BY seq LIMIT $1""",
         limit,
+        float(hold_seconds),
     )
     return [ReplyRow.of(r) for r in rows]
 
 
-async def head_of(conn: asyncpg.Connection, phone: str) -> ReplyRow | None:
+async def head_of(conn: asyncpg.Connection, phone: str, *, hold_seconds: float = 0.0) -> ReplyRow | None:
+    """The contact's first unsent reply (``held`` says whether it waits for its previous one)."""
     row = await conn.fetchrow(
-        "SELECT * FROM replies WHERE phone = $1 AND state IN ('pending', 'sending') ORDER BY seq LIMIT 1",
+        f"""SELECT r.*, {_HELD.format(hold="$2")} AS held FROM replies r
+            WHERE phone = $1 AND state IN ('pending', 'sending') ORDER BY {_HEAD_ORDER} LIMIT 1""",
         phone,
+        float(hold_seconds),
     )
     return ReplyRow.of(row) if row else None
 
@@ -131,17 +156,20 @@ async def mark_sending(conn: asyncpg.Connection, reply_key: str) -> None:
 
 
 async def record_part_sent(
-    conn: asyncpg.Connection, reply_key: str, provider_message_id: str, via: str, *, last: bool
+    conn: asyncpg.Connection, reply_key: str, provider_message_id: str, via: str, *, part: int, last: bool
 ) -> None:
+    """Part ``part`` (1-based) went out. Idempotent: a retried commit whose first try did commit
+    (the answer was lost with the connection) changes nothing."""
     await conn.execute(
-        """UPDATE replies SET parts_sent = parts_sent + 1,
+        """UPDATE replies SET parts_sent = $5,
                   provider_message_ids = array_append(provider_message_ids, $2),
                   via = $3, state = $4, last_error = '', updated_at = now()
-           WHERE reply_key = $1""",
+           WHERE reply_key = $1 AND parts_sent = $5 - 1 AND state <> 'failed'""",
         reply_key,
         provider_message_id,
         via,
         SENT if last else PENDING,
+        part,
     )
 
 

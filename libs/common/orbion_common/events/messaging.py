@@ -139,6 +139,10 @@ class ReplyRequestedPayload(Payload):
     lead_stage: str = ""
     language: str = ""
     quiet_period_ms: int = 0
+    # The reply key of the contact's previous ReplyRequested ("" for the first, or when unknown):
+    # the llm-proxy holds this reply (bounded) until that one is stored, so that a contact's
+    # replies go out in the conversation's order even when requests reach it out of order.
+    previous_reply_key: str = ""
 
 
 class ReplyRequested(Envelope):
