@@ -49,15 +49,12 @@ async def test_two_replicas_of_each_service_give_no_duplicates_and_keep_order(
         "no duplicate effect; replies in the order each contact's messages were received; lead = replay",
         v,
         {"replicas": {n: 2 for n in REPLICATED}, "second_alive": served, "drain_s": round(waited, 1)},
-        order_gap_known=True,
-        problems=[f"{n} replica died" for n, alive in served.items() if not all(alive)],
-        # No process died, so no send was in doubt: a delivered reply marked failed is a defect
-        # (the sender's MessageSent append loses a version race with the consumer's ReplyGenerated
-        # append to the same contact stream, ConcurrencyError, and the row is left in 'sending').
-        known_gaps=[
-            f"known gap: {v.delivered_but_failed} delivered replies marked SendFailed(outcome_unknown) "
-            "without any crash (sender's MessageSent append hit ConcurrencyError)"
-        ]
-        if v.delivered_but_failed
-        else [],
+        order_gap_known=False,  # fixed: replies name their predecessor (docs/llm-proxy.md)
+        problems=[f"{n} replica died" for n, alive in served.items() if not all(alive)]
+        # No process died, so no send was in doubt: a delivered reply marked failed is a defect.
+        + (
+            [f"{v.delivered_but_failed} delivered replies marked SendFailed(outcome_unknown)"]
+            if v.delivered_but_failed
+            else []
+        ),
     )
