@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+import asyncpg
+
 from orbion_common.logging import mask_text
 
 __all__ = [
@@ -85,6 +87,7 @@ class _Pool(Protocol):
     def acquire(self) -> Any: ...
     def get_size(self) -> int: ...
     def get_idle_size(self) -> int: ...
+    async def expire_connections(self) -> None: ...
 
 
 class _Redis(Protocol):
@@ -98,9 +101,18 @@ class _Bus(Protocol):
 def postgres_check(pool: _Pool) -> ReadinessCheck:
     """Probe: ``SELECT 1`` on a pooled connection; detail is the pool's size and idle count."""
 
-    async def check() -> object:
+    async def select_one() -> None:
         async with pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
+
+    async def check() -> object:
+        try:
+            await select_one()
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+            # After a Postgres restart the pool still holds connections to the old server: the
+            # probe would meet them one by one and flap. Drop them all and ask once more.
+            await pool.expire_connections()
+            await select_one()
         return {"pool_size": pool.get_size(), "pool_idle": pool.get_idle_size()}
 
     return check

@@ -142,3 +142,20 @@ async def test_real_redis_check_fails_when_redis_is_unreachable() -> None:
         await client.aclose()
     assert not ok
     assert results["redis"]["ok"] is False and "Error" in results["redis"]["detail"]
+
+
+async def test_the_postgres_probe_is_ready_at_once_after_a_postgres_restart(local_infra) -> None:
+    import asyncpg
+
+    from orbion_common.health import postgres_check
+
+    pool = await asyncpg.create_pool(local_infra.url("postgres"), min_size=3, max_size=3)
+    try:
+        check = postgres_check(pool)
+        await check()
+        await local_infra.arestart_server("postgres")
+        # The pool's three connections all point at the old server: no flapping through them.
+        for _ in range(3):
+            await check()
+    finally:
+        await pool.close()
