@@ -30,7 +30,6 @@ if str(_ROOT) not in sys.path:
 
 from orbion_common.infra import InfraUrls, LocalInfra  # noqa: E402
 from orbion_common.settings import CommonSettings  # noqa: E402
-
 from tests.support.servers import (  # noqa: E402
     TestServers,
     docker_engine_answers,

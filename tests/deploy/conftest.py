@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from orbion_common.service import PROBE_PATHS
 from orbion_common.settings import SERVICES, CommonSettings
 

@@ -25,6 +25,7 @@ import jsonschema
 import pytest
 import yaml
 from compose_spec import PyCompose
+
 from orbion_common.bus import ConsumerSpec
 from orbion_common.cli import build_parser
 from orbion_common.service import ServiceServer

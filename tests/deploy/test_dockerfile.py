@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import uvicorn
 import yaml
+
 from orbion_common.cli import build_parser
 from orbion_common.service import create_service_app
 from orbion_common.settings import CommonSettings

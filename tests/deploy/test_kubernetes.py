@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import kubernetes_validate
 import pytest
+
 from orbion_common.bus import ConsumerSpec
 from orbion_common.cli import build_parser
 from orbion_common.service import PROBE_PATHS, ServiceServer, create_service_app

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
 from orbion_common.settings import SERVICES
 
 

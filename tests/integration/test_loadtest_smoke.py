@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from orbion_loadtest import report
 from orbion_loadtest.runner import Runner, StepPlan
 from orbion_loadtest.scenarios import Scenario

@@ -20,8 +20,8 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from orbion_common.cli.webhooks import cloud_text_webhook, sign
 
+from orbion_common.cli.webhooks import cloud_text_webhook, sign
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp
 

@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
+
 from orbion_common.cli.webhooks import cloud_text_webhook, sign
 
 from .system import System

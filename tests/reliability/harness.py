@@ -39,9 +39,9 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+
 from orbion_common.cli.webhooks import cloud_text_webhook, sign
 from orbion_common.events import UndecodableEvent, decode
-
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp
 from tests.integration.system import System, free_port

@@ -1,13 +1,13 @@
 """OpenAI and WhatsApp outages under load: degrade, don't fail; nothing lost, nothing sent twice.
 
-- OpenAI answers 500 to everything for 6 s, then recovers: the llm-proxy's OpenAI breaker opens
+- OpenAI answers 500 to everything for 30 s, then recovers: the llm-proxy's OpenAI breaker opens
   (``BreakerStateChanged`` to open), the contacts written to meanwhile get the fallback reply,
   the breaker closes again once OpenAI answers, and every message gets exactly one reply.
-- The WhatsApp Cloud API answers 500 to every send for 6 s: replies wait (pending in Postgres),
+- The WhatsApp Cloud API answers 500 to every send for 30 s: replies wait (pending in Postgres),
   then go out once each, in order per contact, with no ``SendFailed``.
 
-The outages are seconds (not the issue's 30 s) so the suite stays fast; the breakers' reset is
-set to 2 s to match (harness.system_env).
+The breakers' reset is set to 2 s (harness.system_env), so each half-opens many times during
+the outage and the test sees the trial calls fail and the breaker open again.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from tests.reliability.harness import (
     wait_for_replies,
 )
 
-OUTAGE_SECONDS = 6.0
-OPENAI_FAULT = f"OpenAI fake answers 500 to every call for {OUTAGE_SECONDS:.0f} s, 20 msg/s"
+OUTAGE_SECONDS = 30.0  # as the issue asks; the load spans it at a lower rate
+RATE = 10.0
+OPENAI_FAULT = f"OpenAI fake answers 500 to every call for {OUTAGE_SECONDS:.0f} s, {RATE:.0f} msg/s"
 OPENAI_PROMISE = "breaker opens, fallback replies go out, breaker closes; one reply per message"
 
 
@@ -57,7 +58,7 @@ async def test_openai_outage_opens_the_breaker_sends_fallbacks_and_recovers(
     fault_system: tuple[FaultSystem, Fakes],
 ) -> None:
     system, fakes = fault_system
-    messages = plan_contacts(20, 13, per_contact=2, gap=4.0)
+    messages = plan_contacts(RATE, OUTAGE_SECONDS + 7, per_contact=2, gap=4.0)
     load = MetaLoad(system.url("gateway"), messages)
     window: dict[str, float] = {}
 
@@ -110,7 +111,7 @@ async def test_whatsapp_outage_keeps_replies_pending_then_sends_each_once_in_ord
     fault_system: tuple[FaultSystem, Fakes],
 ) -> None:
     system, fakes = fault_system
-    messages = plan_contacts(20, 13, per_contact=2, gap=4.0)
+    messages = plan_contacts(RATE, OUTAGE_SECONDS + 7, per_contact=2, gap=4.0)
     load = MetaLoad(system.url("gateway"), messages)
     window: dict[str, float] = {}
 
@@ -140,7 +141,7 @@ async def test_whatsapp_outage_keeps_replies_pending_then_sends_each_once_in_ord
     assert not v.send_failed, f"replies given up during a short outage: {v.send_failed}"
     judge(
         "whatsapp_outage",
-        f"WhatsApp fake answers 500 to every send for {OUTAGE_SECONDS:.0f} s, 20 msg/s",
+        f"WhatsApp fake answers 500 to every send for {OUTAGE_SECONDS:.0f} s, {RATE:.0f} msg/s",
         "replies wait, then each is delivered once, in order per contact",
         v,
         extra,

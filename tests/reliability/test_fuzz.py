@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+
 from orbion_common.cli.webhooks import cloud_text_webhook
 from orbion_common.events import decode, encode
-
 from tests.reliability.harness import API_KEY, Fakes, FaultSystem, record
 
 json_values = st.recursive(

@@ -21,8 +21,8 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
-from orbion_common.cli.webhooks import cloud_text_webhook, sign
 
+from orbion_common.cli.webhooks import cloud_text_webhook, sign
 from tests.reliability.harness import (
     API_KEY,
     APP_SECRET,

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from orbion_common.events import stable_event_id
 from orbion_common.infra import LocalInfra
-
 from tests.reliability.harness import (
     MetaLoad,
     ReadinessWatch,

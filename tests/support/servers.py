@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import psutil
+
 from orbion_common.infra import (
     SERVER_NAMES,
     InfraError,

@@ -7,10 +7,11 @@ import logging
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from pydantic import SecretStr
+
 from orbion_common.auth import ApiKey, MissingSecretsError, key_id, require_production_secrets
 from orbion_common.service import create_service_app
 from orbion_common.settings import CommonSettings, Mode
-from pydantic import SecretStr
 
 KEYS = [SecretStr("first-key-123"), SecretStr("second-key-456")]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from orbion_common.breakers import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerOpen, CallTimeout
 
 

@@ -4,6 +4,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+
 from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
@@ -237,6 +238,7 @@ async def test_a_handler_slower_than_ack_wait_is_not_redelivered_while_it_works(
 
 def test_unreachable_dependencies_are_outages_and_bad_data_is_not():
     import asyncpg
+
     from orbion_common.bus import is_outage
 
     assert is_outage(ConnectionRefusedError(111, "Connection refused"))

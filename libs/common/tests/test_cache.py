@@ -8,8 +8,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from orbion_common.cache import REQUESTS, WRITES, Cached, VersionedCache
 from redis.asyncio import Redis
+
+from orbion_common.cache import REQUESTS, WRITES, Cached, VersionedCache
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import orjson
 import pytest
+
 from orbion_common.cli import main
 from orbion_common.cli.services import tool_module
 from orbion_common.cli.up import Printer, Supervisor

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
+
 from orbion_common.events import (
     EVENT_TYPES,
     MessageReceived,

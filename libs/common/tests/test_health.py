@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+
 from orbion_common.health import bus_check, postgres_check, redis_check, run_checks
 
 

@@ -14,6 +14,7 @@ import nats
 import psutil
 import pytest
 import redis.asyncio as aioredis
+
 from orbion_common.infra import (
     SERVER_NAMES,
     InfraError,
@@ -24,7 +25,6 @@ from orbion_common.infra import (
     running_local_urls,
 )
 from orbion_common.settings import CommonSettings
-
 from tests.support.servers import reap_stale_test_folders
 
 

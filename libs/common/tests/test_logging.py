@@ -8,10 +8,11 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from pydantic import SecretStr
+
 from orbion_common.logging import configure_logging, mask_phone, mask_text
 from orbion_common.settings import CommonSettings
 from orbion_common.telemetry import setup_telemetry, tracer
-from pydantic import SecretStr
 
 PHONE = "5511999990000"
 MASKED = "551199*****00"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from orbion_common.optout import OptInRule, is_opt_in, is_opt_out, normalize_word
 
 

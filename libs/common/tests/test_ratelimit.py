@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from redis.asyncio import Redis
+
 from orbion_common.infra import LocalInfra
 from orbion_common.ratelimit import (
     RateLimiter,
@@ -21,7 +23,6 @@ from orbion_common.ratelimit import (
     limit_requests,
     rate_limit_headers,
 )
-from redis.asyncio import Redis
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+
 from orbion_common.bus import Bus
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload

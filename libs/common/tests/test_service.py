@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
-from orbion_common.service import ServiceServer, create_service_app
-from orbion_common.settings import CommonSettings
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from orbion_common.service import ServiceServer, create_service_app
+from orbion_common.settings import CommonSettings
 
 SETTINGS = CommonSettings()
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+
 from orbion_common.auth import ApiKey
 from orbion_common.events import utcnow
 from orbion_common.health import ReadinessCheck

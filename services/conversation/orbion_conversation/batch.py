@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+
 from orbion_common.events import MessageReceived, MessageSent, MessageStatusChanged
 from orbion_common.eventstore import StoredEvent
 

@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from redis.asyncio import Redis
+
 from orbion_common.events import Envelope, stable_event_id
 from orbion_common.events.messaging import (
     DeliveryStatus,
@@ -43,7 +45,6 @@ from orbion_common.events.messaging import (
 )
 from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate
-from redis.asyncio import Redis
 
 from . import domain
 from .bootstrap import MIGRATIONS

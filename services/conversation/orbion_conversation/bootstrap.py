@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import asyncpg
+from redis.asyncio import Redis
+
 from orbion_common.bus import Bus
 from orbion_common.db import create_pool
 from orbion_common.eventstore import EventStore
@@ -24,7 +26,6 @@ from orbion_common.ratelimit import RateLimiter, Tier, limit_requests
 from orbion_common.relay import Relay
 from orbion_common.service import run, serve
 from orbion_common.telemetry import setup_telemetry
-from redis.asyncio import Redis
 
 from .app import AppDeps, create_app
 from .consumers import Deps, consumer_spec, handler

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+
 from orbion_common.bus import ConsumerSpec, Delivery
 from orbion_common.events import Event, MessageReceived
 from orbion_common.logging import mask_phone

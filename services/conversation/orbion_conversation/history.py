@@ -11,8 +11,9 @@ from datetime import datetime
 
 import asyncpg
 import orjson
-from orbion_common.cache import VersionedCache
 from redis.asyncio import Redis
+
+from orbion_common.cache import VersionedCache
 
 from .domain import MessageItem, page_from
 from .store import Projection

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import asyncpg
+
 from orbion_common.events import (
     BantStageAdvanced,
     MessageReceived,

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+
 from orbion_common.events import decode
 from orbion_common.eventstore import START, Cursor, EventStore, StoredEvent
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
+from prometheus_client import Counter, Gauge, Histogram
+
 from orbion_common.events import MessageReceived, ReplyRequested, utcnow
 from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent
 from orbion_common.logging import mask_phone
-from prometheus_client import Counter, Gauge, Histogram
 
 from . import domain, projector, store
 from .domain import ContactSummary, MessageItem

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
+
 from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate
 from orbion_conversation.bootstrap import MIGRATIONS
@@ -19,7 +21,6 @@ from orbion_conversation.consumers import Deps
 from orbion_conversation.history import History, history_cache
 from orbion_conversation.replies import ReplyContext
 from orbion_conversation.store import Projection
-from redis.asyncio import Redis
 
 
 def _server_url(request: pytest.FixtureRequest, fixture: str, env: str) -> str:

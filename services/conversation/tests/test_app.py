@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
+from pydantic import SecretStr
+
 from orbion_conversation.app import AppDeps, create_app
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.settings import Settings
-from pydantic import SecretStr
 
 from .builders import inbound, new_phone
 

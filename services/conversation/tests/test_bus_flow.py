@@ -11,6 +11,8 @@ import httpx
 import nats
 import pytest
 from nats.aio.msg import Msg
+from redis.asyncio import Redis
+
 from orbion_common.bus import Bus, Delivery
 from orbion_common.events import Event, ReplyRequested, decode
 from orbion_conversation import consumers
@@ -19,7 +21,6 @@ from orbion_conversation.bootstrap import Service, app_deps, build
 from orbion_conversation.consumers import Deps
 from orbion_conversation.domain import MessageItem
 from orbion_conversation.settings import Settings
-from redis.asyncio import Redis
 
 from .builders import generated, inbound, new_phone, sent, verification_passed, verification_requested
 

@@ -6,11 +6,12 @@ import asyncio
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
+
 from orbion_common.events import MessageReceived, ReplyRequested, utcnow
 from orbion_common.events.messaging import DeliveryStatus, MessageKind
 from orbion_conversation import consumers, domain
 from orbion_conversation.consumers import Deps, record_event
-from redis.asyncio import Redis
 
 from .builders import (
     blocked,

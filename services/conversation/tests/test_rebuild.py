@@ -6,6 +6,7 @@ import asyncio
 
 import asyncpg
 import pytest
+
 from orbion_common.events import ReplyRequested
 from orbion_common.events.messaging import DeliveryStatus
 from orbion_common.eventstore import StoredEvent

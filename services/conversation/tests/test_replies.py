@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import asyncpg
+from redis.asyncio import Redis
+
 from orbion_common.events import ReplyRequested, utcnow
 from orbion_common.eventstore import EventStore
 from orbion_conversation import domain
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.replies import ReplyContext, ReplyScheduler
 from orbion_conversation.store import Projection
-from redis.asyncio import Redis
 
 from .builders import inbound, new_phone, opted_out, verification_passed, verification_requested
 from .conftest import make_deps

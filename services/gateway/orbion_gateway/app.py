@@ -22,12 +22,13 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from orbion_common.bus import Bus
 from orbion_common.health import bus_check
 from orbion_common.ratelimit import RateLimiter, Tier
 from orbion_common.service import HTTP_REQUEST_DURATION, HTTP_REQUESTS, create_service_app
-from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .publisher import Publisher
 from .settings import Settings

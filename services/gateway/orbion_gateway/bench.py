@@ -190,6 +190,7 @@ def _serve_baseline(port: int) -> None:
     import nats
     import uvicorn
     import uvloop
+
     from orbion_common.bus import Bus
     from orbion_common.settings import CommonSettings
 

@@ -8,6 +8,8 @@ malformed envelope raises :class:`MalformedWebhook`. Changes of other fields tha
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from orbion_common.events import stable_event_id
 from orbion_common.events.messaging import (
     DeliveryStatus,
@@ -19,7 +21,6 @@ from orbion_common.events.messaging import (
     Provider,
     ProviderError,
 )
-from pydantic import ValidationError
 
 from .inbound import (
     BadItem,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 from orbion_common.events import stable_event_id
 from orbion_common.events.messaging import (
     DeliveryStatus,
@@ -21,7 +23,6 @@ from orbion_common.events.messaging import (
     MessageStatusChangedPayload,
     Provider,
 )
-from pydantic import ValidationError
 
 from .inbound import (
     BadItem,

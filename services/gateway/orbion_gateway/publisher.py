@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import orjson
+
 from orbion_common.bus import Bus
 from orbion_common.events.messaging import Provider
 from orbion_common.logging import mask_phone

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from orbion_common.settings import CommonSettings
 from pydantic import Field, SecretStr
+
+from orbion_common.settings import CommonSettings
 
 
 class Settings(CommonSettings):

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import orjson
 from opentelemetry import trace
-from orbion_common.events.messaging import Provider
-from orbion_common.ratelimit import RateLimiter, RateLimiterUnavailable, Tier, rate_limit_headers
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
+
+from orbion_common.events.messaging import Provider
+from orbion_common.ratelimit import RateLimiter, RateLimiterUnavailable, Tier, rate_limit_headers
 
 from . import cloud_api, evolution, metrics
 from .inbound import MalformedWebhook, ParsedWebhook

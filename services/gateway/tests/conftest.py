@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gateway_testkit import Gateway, close_gateway, open_gateway
+
 from orbion_common.infra import LocalInfra
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]

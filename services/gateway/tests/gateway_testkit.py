@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 import orjson
+from redis.asyncio import Redis
+
 from orbion_common.bus import Bus
 from orbion_common.cli.webhooks import cloud_text_webhook
 from orbion_common.events import Event, decode
@@ -18,7 +20,6 @@ from orbion_common.ratelimit import RateLimiter
 from orbion_gateway.app import Deps, build_app
 from orbion_gateway.settings import Settings
 from orbion_gateway.signature import sign
-from redis.asyncio import Redis
 
 FIXTURES = Path(__file__).parent / "fixtures"
 APP_SECRET = "test-app-secret"

@@ -15,11 +15,12 @@ from gateway_testkit import (
     signed,
     text_webhook,
 )
+from prometheus_client import REGISTRY
+
 from orbion_common.bus import partition_of
 from orbion_common.events import MessageReceived, MessageStatusChanged, stable_event_id
 from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate
-from prometheus_client import REGISTRY
 
 
 def metric(name: str, **labels: str) -> float:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from gateway_testkit import Gateway, new_phone, text_webhook
-from orbion_common.infra import LocalInfra
 from redis.asyncio import Redis
+
+from orbion_common.infra import LocalInfra
 
 
 async def eventually_ready(gateway: Gateway, attempts: int = 100) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from gateway_testkit import fixture_names, load_fixture
+
 from orbion_common.events import MessageReceived, MessageStatusChanged, decode, encode, stable_event_id
 from orbion_gateway import cloud_api, evolution
 from orbion_gateway.inbound import MalformedWebhook, ParsedWebhook, to_events

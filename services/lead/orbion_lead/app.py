@@ -20,6 +20,9 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
 from orbion_common.auth import ApiKey
 from orbion_common.bus import Bus
 from orbion_common.cache import describe
@@ -28,8 +31,6 @@ from orbion_common.logging import mask_phone
 from orbion_common.ratelimit import RateLimiter, Tier, limit_requests
 from orbion_common.relay import Relay
 from orbion_common.service import create_service_app
-from pydantic import BaseModel, Field
-from redis.asyncio import Redis
 
 from . import domain
 from .domain import Agent, Lead, Stage, Status

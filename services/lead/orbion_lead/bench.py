@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
+
 from orbion_common.bus import Bus
 from orbion_common.events import MessageReceived, stable_event_id
 from orbion_common.events.messaging import MessageKind, MessageReceivedPayload, Provider

@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 
 import asyncpg
+from redis.asyncio import Redis
+
 from orbion_common.bus import Bus, ConsumerSpec
 from orbion_common.db import create_pool
 from orbion_common.logging import configure_logging
@@ -21,7 +23,6 @@ from orbion_common.ratelimit import RateLimiter
 from orbion_common.relay import Relay
 from orbion_common.service import run, serve
 from orbion_common.telemetry import setup_telemetry, shutdown_telemetry
-from redis.asyncio import Redis
 
 from .app import SERVICE, Deps, build_app
 from .consumers import CONSUMER, LeadConsumers, consumer_spec

@@ -32,6 +32,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from orbion_common.events import (
     BantStageAdvanced,
     ContactBlocked,
@@ -70,7 +72,6 @@ from orbion_common.events.lead import (
     LeadSnapshot,
 )
 from orbion_common.optout import OptInRule, is_opt_in, is_opt_out, normalize_word
-from pydantic import BaseModel, ConfigDict, Field
 
 from . import rules
 

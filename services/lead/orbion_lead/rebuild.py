@@ -13,8 +13,9 @@ import argparse
 import asyncio
 
 import asyncpg
-from orbion_common.infra import InfraError, resolve_urls
 from redis.asyncio import Redis
+
+from orbion_common.infra import InfraError, resolve_urls
 
 from .settings import Settings
 from .store import SCHEMA, LeadStore

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
+from prometheus_client import Counter, Histogram
+from redis.asyncio import Redis
+
 from orbion_common.cache import VersionedCache
 from orbion_common.events import Envelope
 from orbion_common.eventstore import ConcurrencyError
 from orbion_common.logging import mask_phone
-from prometheus_client import Counter, Histogram
-from redis.asyncio import Redis
 
 from . import domain
 from .domain import Lead

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from orbion_common.optout import OptInRule
 from orbion_common.settings import CommonSettings
-from pydantic import Field
 
 from .domain import VERIFICATION_QUESTION, Policy
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+
 from orbion_common.events import Envelope, decode
 from orbion_common.eventstore import EventStore, StoredEvent
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+
 from orbion_common.migrations import migrate
 from orbion_lead.bootstrap import Service, build
 from orbion_lead.store import MIGRATIONS

@@ -6,6 +6,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
 from orbion_common.events import MessageReceived, MessageSent, ReplyGenerated, stable_event_id
 from orbion_common.events.messaging import (
     LeadFacts,
@@ -16,8 +19,6 @@ from orbion_common.events.messaging import (
     ReplyGeneratedPayload,
 )
 from orbion_lead.settings import Settings
-from pydantic import SecretStr
-from redis.asyncio import Redis
 
 API_KEY = "lead-test-key"
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from lead_builders import API_KEY, at, inbound, new_phone, reply
+
 from orbion_common.events import EVENTS_BY_NAME
 from orbion_lead.app import build_app
 from orbion_lead.bootstrap import Service

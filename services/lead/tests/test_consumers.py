@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from lead_builders import at, inbound, new_phone, reply, sent
+from redis.asyncio import Redis
+
 from orbion_common.events import EVENTS_BY_NAME, Envelope
 from orbion_lead import domain
 from orbion_lead.bootstrap import Service
 from orbion_lead.rebuild import rebuild
 from orbion_lead.recorder import LeadRecorder, lead_cache
-from redis.asyncio import Redis
 
 pytestmark = pytest.mark.skipif(
     "LeadActivityRecorded" not in EVENTS_BY_NAME,

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from lead_builders import T0, at, inbound, new_phone, reply, sent
+
 from orbion_common.events import (
     BantStageAdvanced,
     ContactBlocked,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from orbion_lead import rules
 
 

@@ -13,6 +13,7 @@ import nats.js.errors
 import orjson
 import pytest
 from lead_builders import drop_test_keys, inbound, lead_settings, new_phone, sent
+
 from orbion_common.bus import Bus
 from orbion_common.events import EVENTS_BY_NAME, MessageReceived, stable_event_id
 from orbion_lead.bootstrap import Service, build

@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query
+
 from orbion_common.auth import ApiKey
 from orbion_common.health import bus_check, postgres_check
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from orbion_common.breakers import Breaker
 from orbion_common.events import ReplyRequested
 from orbion_common.events.messaging import ReplyRequestedPayload
@@ -159,6 +160,7 @@ async def bench_replies(settings: Settings, n: int, concurrency: int, latency_ms
 
 async def bench_handler(settings: Settings, database_url: str, n: int, concurrency: int) -> dict[str, float]:
     import asyncpg
+
     from orbion_common.migrations import migrate
 
     from . import store

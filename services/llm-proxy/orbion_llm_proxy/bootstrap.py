@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import asyncpg
+
 from orbion_common.breakers import Breaker
 from orbion_common.bus import Bus
 from orbion_common.db import create_pool

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from orbion_common.bus import ConsumerSpec, Delivery
 from orbion_common.events import (
     Event,

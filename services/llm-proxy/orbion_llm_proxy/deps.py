@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+
 from orbion_common.breakers import Breaker
 from orbion_common.bus import Bus
 from orbion_common.eventstore import EventStore

@@ -30,10 +30,11 @@ from openai import (
 )
 from openai.types.chat import ChatCompletion
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter, Histogram
+
 from orbion_common.breakers import Breaker, BreakerOpen, CallTimeout
 from orbion_common.events.messaging import LeadFacts, ReplyRequestedPayload, ReplySource, TokenUsage
 from orbion_common.telemetry import tracer
-from prometheus_client import Counter, Histogram
 
 from .domain import (
     BadCompletion,

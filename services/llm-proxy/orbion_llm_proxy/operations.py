@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 import asyncpg
+
 from orbion_common.events import BreakerStateChanged
 from orbion_common.events.operations import BreakerStateChangedPayload
 from orbion_common.eventstore import ConcurrencyError, EventStore

@@ -48,6 +48,8 @@ import asyncpg
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind
+from prometheus_client import Counter, Gauge, Histogram
+
 from orbion_common.breakers import Breaker, BreakerOpen
 from orbion_common.bus import is_outage
 from orbion_common.events import MessageSent, SendFailed, stable_event_id
@@ -55,7 +57,6 @@ from orbion_common.events.messaging import MessageSentPayload, SendFailedPayload
 from orbion_common.eventstore import ConcurrencyError, EventStore
 from orbion_common.logging import mask_phone
 from orbion_common.telemetry import extract_context, tracer
-from prometheus_client import Counter, Gauge, Histogram
 
 from . import store
 from .domain import SendVerdict, backoff_seconds

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orbion_common.settings import CommonSettings
 from pydantic import Field, SecretStr
+
+from orbion_common.settings import CommonSettings
 
 
 class Settings(CommonSettings):

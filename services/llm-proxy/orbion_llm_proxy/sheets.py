@@ -24,12 +24,13 @@ import gspread
 from google.auth.transport.requests import AuthorizedSession
 from google.oauth2.service_account import Credentials
 from gspread.utils import ValueInputOption
+from prometheus_client import Counter, Gauge
+
 from orbion_common.breakers import Breaker, BreakerOpen
 from orbion_common.events import LeadExported, stable_event_id
 from orbion_common.events.lead import LeadSnapshot
 from orbion_common.events.operations import LeadExportedPayload
 from orbion_common.eventstore import EventStore
-from prometheus_client import Counter, Gauge
 
 from . import store
 from .domain import SHEET_COLUMNS, SheetRow, sheet_row

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncpg
 import httpx
+from pydantic import SecretStr
+
 from orbion_llm_proxy.app import create_app
 from orbion_llm_proxy.bootstrap import build_deps
-from pydantic import SecretStr
 
 from .conftest import make_settings
 from .helpers import new_phone, reply_requested

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+
 from orbion_common.events import HumanVerificationRequested, MessageSent, ReplyGenerated
 from orbion_common.events.lead import HumanVerificationPayload
 from orbion_common.events.messaging import ReplySource

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
 from orbion_common.events.lead import LeadSnapshot
 from orbion_llm_proxy.domain import (
     SHEET_COLUMNS,

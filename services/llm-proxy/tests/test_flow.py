@@ -8,6 +8,7 @@ import contextlib
 from typing import Any
 
 import asyncpg
+
 from orbion_common.bus import Bus
 from orbion_common.events import MessageSent, ReplyGenerated, decode
 from orbion_llm_proxy import store

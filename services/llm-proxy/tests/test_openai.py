@@ -7,10 +7,10 @@ import asyncio
 
 import asyncpg
 import redis.asyncio as aioredis
+
 from orbion_common.events import BreakerStateChanged, ReplyGenerated
 from orbion_common.events.messaging import ReplySource
 from orbion_llm_proxy.bootstrap import build_deps
-
 from tests.fakes.openai import FakeOpenAI
 
 from .conftest import make_settings

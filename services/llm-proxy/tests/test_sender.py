@@ -7,11 +7,11 @@ import asyncio
 from typing import Any
 
 import asyncpg
+
 from orbion_common.events import MessageSent, SendFailed
 from orbion_llm_proxy import store
 from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
-
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp

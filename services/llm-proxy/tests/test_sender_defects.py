@@ -17,13 +17,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+
 from orbion_common.events import MessageSent, ReplyGenerated, ReplyRequested, stable_event_id
 from orbion_common.events.messaging import ReplyGeneratedPayload
 from orbion_llm_proxy import store
 from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
 from orbion_llm_proxy.sender import send_concurrency
-
 from tests.fakes.whatsapp import FakeWhatsApp
 
 from .conftest import make_settings

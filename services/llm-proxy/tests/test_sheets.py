@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+
 from orbion_common.events import LeadChanged, LeadExported
 from orbion_common.events.lead import LeadChangedPayload, LeadSnapshot
 from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.domain import SHEET_COLUMNS
-
 from tests.fakes.sheets import FakeSheets
 
 from .conftest import make_settings

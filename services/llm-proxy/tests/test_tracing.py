@@ -18,13 +18,13 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+
 from orbion_common import telemetry
 from orbion_common.events import MessageSent
 from orbion_common.settings import CommonSettings
 from orbion_llm_proxy import store
 from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
-
 from tests.fakes.whatsapp import FakeWhatsApp
 
 from .conftest import make_settings

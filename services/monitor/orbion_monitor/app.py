@@ -17,6 +17,7 @@ import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+
 from orbion_common.auth import require_api_key
 from orbion_common.service import create_service_app
 

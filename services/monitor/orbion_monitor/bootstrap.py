@@ -11,6 +11,7 @@ import logging
 from urllib.parse import urlsplit
 
 import httpx
+
 from orbion_common.logging import configure_logging
 from orbion_common.service import run, serve
 from orbion_common.telemetry import setup_telemetry, shutdown_telemetry

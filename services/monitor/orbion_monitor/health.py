@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import psutil
+
 from orbion_common.logging import mask_text
 
 from .metrics import Scrape, parse_scrape

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orbion_common.settings import SERVICES, CommonSettings
 from pydantic import Field
+
+from orbion_common.settings import SERVICES, CommonSettings
 
 
 class Settings(CommonSettings):

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from orbion_common.service import ServiceServer
 from orbion_monitor.settings import Settings
 

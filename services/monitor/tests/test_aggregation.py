@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+
 from orbion_monitor.aggregation import Aggregator, Sketch, breakdown
 from orbion_monitor.bench import FakeSpan, message_trace
 from orbion_monitor.otlp import KIND_SERVER, SpanRecord

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Request
+
 from orbion_common.service import create_service_app
 from orbion_monitor.alerts import DEFAULT_RULES, AlertEngine, RuleError, load_rules, parse_rules
 from orbion_monitor.app import build_app

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from orbion_monitor.app import build_app
 from orbion_monitor.bench import encode_json, encode_protobuf, message_trace
 from orbion_monitor.settings import Settings
 from orbion_monitor.state import Monitor
-from prometheus_client.parser import text_string_to_metric_families
 
 PROTOBUF = {"content-type": "application/x-protobuf"}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from orbion_common.service import create_service_app
 from orbion_monitor.app import build_app
 from orbion_monitor.bench import encode_protobuf, message_trace

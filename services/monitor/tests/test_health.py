@@ -10,6 +10,7 @@ import httpx
 import nats
 import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
+
 from orbion_common.service import create_service_app
 from orbion_monitor.health import HealthPoller, normalise_breaker_state
 from orbion_monitor.settings import Settings

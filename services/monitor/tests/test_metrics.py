@@ -11,12 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from orbion_monitor.bench import encode_protobuf, message_trace
 from orbion_monitor.metrics import CacheRatios, parse_scrape, signals
 from orbion_monitor.otlp import decode_protobuf
 from orbion_monitor.settings import Settings
 from orbion_monitor.state import Monitor
-from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "orbion-dashboard.json"
 

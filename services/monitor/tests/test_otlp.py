@@ -7,6 +7,7 @@ import gzip
 import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
 from orbion_monitor import otlp
 from orbion_monitor.bench import encode_json, encode_protobuf, message_trace, to_request
 

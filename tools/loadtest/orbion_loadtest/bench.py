@@ -87,10 +87,11 @@ def _from_p50_p99(d: dict[str, Any]) -> dict[str, Any]:
 
 async def history_rows(db: str, rd: str, rows: int) -> list[dict[str, Any]]:
     import asyncpg
+    from redis.asyncio import Redis
+
     from orbion_common.migrations import migrate
     from orbion_conversation.bench import bench_reads
     from orbion_conversation.bootstrap import MIGRATIONS
-    from redis.asyncio import Redis
 
     schema = f"conversation_bench_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(db)
@@ -150,12 +151,13 @@ async def lead_rows(lookups: int) -> list[dict[str, Any]]:
 
 
 async def llm_rows(rd: str, latency_ms: float, calls: int, workdir: Path) -> list[dict[str, Any]]:
+    from redis.asyncio import Redis
+
     from orbion_common.breakers import Breaker
     from orbion_common.events.messaging import ReplyRequestedPayload
     from orbion_llm_proxy.domain import cache_key
     from orbion_llm_proxy.openai_client import Responder, ResponseCache
     from orbion_llm_proxy.settings import Settings
-    from redis.asyncio import Redis
 
     from .fakes import repo_root
     from .stack import spawn_fake

@@ -23,8 +23,9 @@ from typing import Any
 import httpx
 import orjson
 import psutil
-from orbion_common.cli.webhooks import cloud_text_webhook, signed_headers
 from prometheus_client.parser import text_string_to_metric_families
+
+from orbion_common.cli.webhooks import cloud_text_webhook, signed_headers
 
 from . import stats
 from .scenarios import Planned, Role, Scenario

@@ -62,6 +62,7 @@ async def test_concurrent_polls_of_the_fake_read_each_send_exactly_once():
     import asyncio
 
     import httpx
+
     from orbion_loadtest.runner import Sends
     from orbion_loadtest.stack import Target
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from orbion_loadtest.schedule import Segment, arrivals, constant, duration, ladder_rates, spike
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from orbion_loadtest.scenarios import Kind, Planned, Role
 from orbion_loadtest.stats import Outcome, Send, account, percentile, spread, summary
 
