@@ -138,3 +138,22 @@ async def test_a_service_killed_right_after_the_ack_loses_nothing_and_replies_on
         assert [m["direction"] for m in messages].count("in") == 1
         assert [m["direction"] for m in messages].count("out") == 1
         assert await outbox_count(client, system, phone) == 1
+
+
+@pytest.mark.slow
+async def test_a_contact_who_writes_a_stop_word_gets_no_more_replies(system):
+    phone = new_phone()
+    async with httpx.AsyncClient(timeout=5) as client:
+        await post_webhook(client, system, phone, "Oi, quero saber do plano", "wamid.optout1")
+        await wait_for_reply(client, system, phone, within=15)
+        await post_webhook(client, system, phone, "PARAR", "wamid.optout2")
+        await asyncio.sleep(2.0)  # the lead's LeadOptedOut reaches the conversation service
+        await post_webhook(client, system, phone, "quanto custa?", "wamid.optout3")
+        await asyncio.sleep(3.0)  # room for a reply, if one were (wrongly) coming
+        messages = await history(client, system, phone)
+        assert [m["direction"] for m in messages].count("in") == 3
+        assert [m["direction"] for m in messages].count("out") == 1
+        assert await outbox_count(client, system, phone) == 1
+        lead = await client.get(system.url("lead") + f"/api/leads/{phone}", headers={"X-API-Key": API_KEY})
+        assert lead.status_code == 200, lead.text
+        assert "opted_out" in lead.text
