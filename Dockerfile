@@ -47,9 +47,10 @@ RUN groupadd --system --gid 10001 orbion \
         --home-dir /var/lib/orbion --shell /usr/sbin/nologin orbion \
     && mkdir -p /var/lib/orbion \
     && chown orbion:orbion /var/lib/orbion
-# Bind-mounted, not copied: the wheels never become a layer of the final image.
+# Bind-mounted, not copied: the wheels never become a layer of the final image. Every wheel,
+# dependencies included, is named on the command line, so nothing is looked up anywhere else.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels /wheels/*.whl
+    pip install --no-index /wheels/*.whl
 USER 10001:10001
 WORKDIR /var/lib/orbion
 EXPOSE 8080 8081 8082 8083 8084
