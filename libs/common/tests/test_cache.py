@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,19 +13,8 @@ from orbion_common.cache import REQUESTS, WRITES, Cached, VersionedCache
 
 
 @pytest.fixture
-def redis_test_url(request: pytest.FixtureRequest) -> str:
-    try:
-        return str(request.getfixturevalue("redis_url"))
-    except pytest.FixtureLookupError:
-        url = os.environ.get("ORBION_TEST_REDIS_URL")
-        if not url:
-            pytest.skip("no Redis: set ORBION_TEST_REDIS_URL")
-        return url
-
-
-@pytest.fixture
-async def redis(redis_test_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_test_url, socket_timeout=1)
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, socket_timeout=1)
     yield client
     await client.aclose()
 

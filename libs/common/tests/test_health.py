@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -13,29 +12,16 @@ import redis.asyncio as aioredis
 from orbion_common.health import bus_check, postgres_check, redis_check, run_checks
 
 
-def _infra_url(request: pytest.FixtureRequest, fixture: str, env: str) -> str:
-    """The root conftest fixture when it exists, else the ORBION_TEST_* variable."""
-    try:
-        return str(request.getfixturevalue(fixture))
-    except pytest.FixtureLookupError:
-        url = os.environ.get(env)
-        if not url:
-            pytest.fail(f"no {fixture} fixture and {env} is not set")
-        return url
-
-
 @pytest.fixture
-async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(_infra_url(request, "redis_url", "ORBION_TEST_REDIS_URL"))
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
     yield client
     await client.aclose()
 
 
 @pytest.fixture
-async def pg_pool(request: pytest.FixtureRequest) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(
-        _infra_url(request, "database_url", "ORBION_TEST_DATABASE_URL"), min_size=1, max_size=2
-    )
+async def pg_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     yield pool
     await pool.close()
 

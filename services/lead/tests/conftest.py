@@ -7,7 +7,6 @@ exist, else from ORBION_TEST_* variables; a test without its server is skipped. 
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -25,29 +24,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lead_builders import drop_test_keys, lead_settings
 
 
-def _server_url(request: pytest.FixtureRequest, fixture: str, env: str) -> str:
-    try:
-        return str(request.getfixturevalue(fixture))
-    except pytest.FixtureLookupError:
-        url = os.environ.get(env)
-        if not url:
-            pytest.skip(f"no server: set {env}")
-        return url
+# Short names for the root conftest's real servers.
+@pytest.fixture
+def pg_url(database_url: str) -> str:
+    return database_url
 
 
 @pytest.fixture
-def pg_url(request: pytest.FixtureRequest) -> str:
-    return _server_url(request, "database_url", "ORBION_TEST_DATABASE_URL")
+def redis_test_url(redis_url: str) -> str:
+    return redis_url
 
 
 @pytest.fixture
-def redis_test_url(request: pytest.FixtureRequest) -> str:
-    return _server_url(request, "redis_url", "ORBION_TEST_REDIS_URL")
-
-
-@pytest.fixture
-def nats_test_url(request: pytest.FixtureRequest) -> str:
-    return _server_url(request, "nats_url", "ORBION_TEST_NATS_URL")
+def nats_test_url(nats_url: str) -> str:
+    return nats_url
 
 
 @pytest.fixture
