@@ -10,8 +10,8 @@ A store may also keep copies of events the service consumed (its history is rebu
 ``publish_types`` names the types the service owns, and the relay moves past the others without
 publishing them, which would hand every consumer a duplicate once JetStream's window passed.
 
-Only one relay per schema publishes at a time (a Postgres advisory lock held on a dedicated
-connection): replicas stand by and take over when the holder's connection dies.
+Only one relay per schema publishes at a time (``leadership``): replicas stand by and take
+over when the holder's connection dies.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 
 from .bus import Bus, BusUnavailable
 from .eventstore import EventStore
+from .leadership import leadership
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class Relay:
         """Publish for as long as the service runs; survives Postgres and NATS outages."""
         while not self._stopping.is_set():
             try:
-                async with self.pool.acquire() as lock_conn:
-                    if not await self._lead(lock_conn):
+                async with leadership(self.pool, f"orbion-relay:{self.store.schema}:{self.name}") as leading:
+                    if not leading:
                         await self._sleep(1.0)
                         continue
                     self.leader = True
@@ -80,20 +81,11 @@ class Relay:
                                 await self._sleep(self.poll_seconds)
                     finally:
                         self.leader = False
-                        await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", self._lock_key)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, BusUnavailable) as exc:
                 log.warning("relay %s.%s paused: %r", self.store.schema, self.name, exc)
                 await self._sleep(0.5)
-
-    @property
-    def _lock_key(self) -> str:
-        return f"orbion-relay:{self.store.schema}:{self.name}"
-
-    async def _lead(self, conn: asyncpg.Connection) -> bool:
-        locked: bool = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key)
-        return locked
 
     async def publish_pending(self) -> int:
         """Publish one batch of the log; returns how many events it read (published or passed)."""

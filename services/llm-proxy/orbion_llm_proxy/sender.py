@@ -55,6 +55,7 @@ from orbion_common.bus import is_outage
 from orbion_common.events import MessageSent, SendFailed, stable_event_id
 from orbion_common.events.messaging import MessageSentPayload, SendFailedPayload
 from orbion_common.eventstore import ConcurrencyError, EventStore
+from orbion_common.leadership import leadership
 from orbion_common.logging import mask_phone
 from orbion_common.telemetry import extract_context, tracer
 
@@ -189,8 +190,8 @@ class Sender:
         lock_key = f"orbion-sender:{self.events.schema}:{self.name}"
         while not self._stopping.is_set():
             try:
-                async with self.pool.acquire() as lock_conn:
-                    if not await lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock_key):
+                async with leadership(self.pool, lock_key) as leading:
+                    if not leading:
                         await self._sleep(1.0)
                         continue
                     self.leader = True
@@ -202,7 +203,6 @@ class Sender:
                     finally:
                         self.leader = False
                         await self._finish_active()
-                        await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
