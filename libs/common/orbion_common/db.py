@@ -12,6 +12,17 @@ def schema_of(service: str) -> str:
     return service.replace("-", "_")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL).
+
+    That query is a round trip on every release, and ORBION's sessions keep no state to reset:
+    settings are fixed at connect (``server_settings``) or ``SET LOCAL``, no cursor outlives
+    its transaction, nothing LISTENs on a pooled connection, and the two session advisory
+    locks (``leadership``, ``migrations``) are released by their owners, which close the
+    connection when they cannot. asyncpg still rolls back a transaction left open.
+    """
+
+
 async def create_pool(settings: CommonSettings, *, service: str) -> asyncpg.Pool:
     """A pool sized by ``ORBION_DB_POOL_MIN/MAX`` whose connections resolve names in the service's schema."""
     pool = await asyncpg.create_pool(
@@ -19,6 +30,7 @@ async def create_pool(settings: CommonSettings, *, service: str) -> asyncpg.Pool
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         command_timeout=30,
+        reset=_keep_session,
         server_settings={
             "search_path": f"{schema_of(service)},public",
             "application_name": f"orbion-{service}",

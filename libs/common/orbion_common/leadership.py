@@ -22,4 +22,10 @@ async def leadership(pool: asyncpg.Pool, key: str) -> AsyncIterator[bool]:
         try:
             yield True
         finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+            try:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+            except BaseException:
+                # The pool does not reset sessions (db.create_pool): a connection that may
+                # still hold the lock must not go back to it.
+                conn.terminate()
+                raise

@@ -57,5 +57,9 @@ async def _migrate(conn: asyncpg.Connection, schema: str, service_migrations: Pa
             applied.append(path.name)
             log.info("migration applied", extra={"schema": schema, "migration": path.name})
     finally:
-        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"orbion-migrate:{schema}")
+        try:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"orbion-migrate:{schema}")
+        except BaseException:
+            conn.terminate()  # may still hold the lock; pooled connections are not reset (db.py)
+            raise
     return applied
