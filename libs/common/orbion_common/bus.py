@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +54,9 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import Counter, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -140,6 +143,34 @@ def subject_for(event: Envelope, root: str = "orbion") -> str:
 
 def dlq_subject(durable: str, root: str = "orbion") -> str:
     return f"{root}.dlq.{durable}"
+
+
+@functools.cache
+def _published(event_type: str, fresh: bool) -> Any:  # labels() per publish costs a lock and a dict
+    return (PUBLISHED if fresh else DUPLICATES).labels(event_type)
+
+
+def _producer_span(event: Envelope, context: otel_context.Context | None) -> Span | None:
+    """The PRODUCER span of a publish, or None when its parent's trace is not sampled.
+
+    The parent-based sampler (``telemetry.setup_telemetry``) would make a non-recording span
+    there anyway, after running itself and drawing ids (a few µs per event, for nothing): the
+    parent's context, injected as it is, carries the same trace id and "not sampled" decision
+    to the consumers. A root publish (no valid parent) always asks the sampler.
+    """
+    parent = trace.get_current_span(context).get_span_context()
+    if parent.is_valid and not parent.trace_flags.sampled:
+        return None
+    return tracer.start_span(
+        f"publish {event.type}",
+        context=context,
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "orbion.event_type": event.type,
+            "orbion.correlation_id": event.correlation_id,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -278,42 +309,49 @@ class Bus:
     # -- publishing -------------------------------------------------------------------------
 
     async def publish(
-        self, event: Envelope, *, msg_id: str | None = None, parent: dict[str, str] | None = None
+        self,
+        event: Envelope,
+        *,
+        msg_id: str | None = None,
+        parent: dict[str, str] | None = None,
+        ack_timeout: float | None = None,
     ) -> bool:
         """Publish and wait for JetStream's ack; False when it was a duplicate.
 
         ``parent`` is a trace context to publish in (the relay passes the one stored with the
         event); by default the current span is the parent. Raises :class:`BusUnavailable` when
-        NATS is unreachable or does not ack in time.
+        NATS is unreachable or does not ack within ``ack_timeout`` (default ``publish_timeout``).
         """
         if not self.nc.is_connected:
             raise BusUnavailable("not connected to NATS")
         headers = {"Nats-Msg-Id": msg_id or event.event_id, "Orbion-Type": event.type}
-        with tracer.start_as_current_span(
-            f"publish {event.type}",
-            context=propagate.extract(parent) if parent else None,
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "nats",
-                "orbion.event_type": event.type,
-                "orbion.correlation_id": event.correlation_id,
-            },
-        ):
-            propagate.inject(headers)
-            with PUBLISH_SECONDS.time():
-                try:
-                    ack = await self.js.publish(
-                        subject_for(event, self.root),
-                        encode(event),
-                        timeout=self.publish_timeout,
-                        headers=headers,
-                    )
-                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                    raise BusUnavailable(f"publish of {event.type} not acknowledged: {exc!r}") from exc
+        context = propagate.extract(parent) if parent else None
+        span = _producer_span(event, context)
+        # The span is only injected, never made current: nothing runs inside it but the publish,
+        # and attaching a context costs as much as the headers it fills.
+        propagate.inject(headers, context=trace.set_span_in_context(span, context) if span else context)
+        started = time.perf_counter()
+        try:
+            ack = await self.js.publish(
+                subject_for(event, self.root),
+                encode(event),
+                timeout=self.publish_timeout if ack_timeout is None else ack_timeout,
+                headers=headers,
+            )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            error = BusUnavailable(f"publish of {event.type} not acknowledged: {exc!r}")
+            if span is not None:
+                span.record_exception(error)
+                span.set_status(StatusCode.ERROR, f"BusUnavailable: {error}")
+            raise error from exc
+        finally:
+            PUBLISH_SECONDS.observe(time.perf_counter() - started)
+            if span is not None:
+                span.end()
         if ack.duplicate:
-            DUPLICATES.labels(event.type).inc()
+            _published(event.type, False).inc()
             return False
-        PUBLISHED.labels(event.type).inc()
+        _published(event.type, True).inc()
         return True
 
     async def publish_all(

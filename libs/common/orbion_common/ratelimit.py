@@ -88,6 +88,14 @@ class Tier:
         return f'"{self.name}";q={self.limit};w={_secs(self.period_seconds)}'
 
 
+@functools.cache
+def _script_args(tier: Tier) -> tuple[bytes, bytes, bytes]:
+    """A hit's ARGV for ``_GCRA`` (interval, tolerance, cost), encoded once per tier: the same
+    bytes redis-py would make, but it would repr() both floats again for every hit."""
+    interval = tier.interval_us
+    return repr(interval).encode(), repr(interval * (tier.burst or tier.limit)).encode(), b"1"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     tier: Tier
@@ -169,10 +177,9 @@ class RateLimiter:
     ) -> None:
         hits = [hit for call_hits, _ in batch for hit in call_hits]
         keys = [f"{self.prefix}:{tier.name}:{identity}" for tier, identity in hits]
-        args: list[float | int] = []
+        args: list[bytes] = []
         for tier, _ in hits:
-            interval = tier.interval_us
-            args += [interval, interval * (tier.burst or tier.limit), 1]
+            args += _script_args(tier)
         try:
             raw = await self._script(keys=keys, args=args)
         except Exception as exc:  # Redis down, timeout, or anything else: no caller may hang
@@ -184,16 +191,20 @@ class RateLimiter:
             return
         self._down_until = 0.0
         at = 0
+        outcomes: dict[tuple[str, bool], int] = {}  # counted once per batch: each inc() takes a lock
         for call_hits, future in batch:
             decisions = []
             for tier, _ in call_hits:
                 allowed, remaining, retry_us, reset_us = raw[at : at + 4]
                 at += 4
                 decision = Decision(tier, bool(allowed), int(remaining), retry_us / 1e6, reset_us / 1e6)
-                _decisions(tier.name, decision.allowed).inc()
+                outcome = (tier.name, decision.allowed)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 decisions.append(decision)
             if not future.done():  # the caller may have been cancelled meanwhile
                 future.set_result(decisions)
+        for (tier_name, allowed), count in outcomes.items():
+            _decisions(tier_name, allowed).inc(count)
 
     async def check(self) -> str:
         """Readiness probe: Redis answers."""

@@ -359,9 +359,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "ORBION_RATE_LIMIT_PREFIX": f"bench:{run}",
             "ORBION_LOG_LEVEL": "WARNING",
         }
-        if args.trace_ratio is not None:  # OpenTelemetry's SDK reads these when no sampler is given
-            env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
-            env["OTEL_TRACES_SAMPLER_ARG"] = str(args.trace_ratio)
+        if args.trace_ratio is not None:
+            # setup_telemetry gives the provider its sampler from this setting, so the SDK's own
+            # OTEL_TRACES_SAMPLER variables would be ignored.
+            env["ORBION_TRACE_SAMPLE_RATIO"] = str(args.trace_ratio)
         gateway = Target("gateway", _free_port(), WEBHOOK_PATH, signed=True)
         baseline = Target("baseline", _free_port(), BASELINE_PATH, signed=False)
         with (

@@ -104,7 +104,8 @@ def opt_str(parent: dict[str, object], key: str) -> str:
 
 def phone_digits(raw: str) -> str:
     """E.164 digits without '+': the stream id of a contact."""
-    digits = "".join(ch for ch in raw if "0" <= ch <= "9")
+    # Meta sends bare digits: skip the per-character filter then (ASCII only: "٣".isdigit()).
+    digits = raw if raw.isascii() and raw.isdigit() else "".join(ch for ch in raw if "0" <= ch <= "9")
     if not 6 <= len(digits) <= 20:
         raise BadItem("not a phone number")
     return digits

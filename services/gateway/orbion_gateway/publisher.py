@@ -66,19 +66,21 @@ class Publisher:
         events, msg_ids = to_events(parsed, throttled)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
-                if len(events) == 1:  # the usual webhook: skip gather's task per event
-                    results = [await self.bus.publish(events[0], msg_id=msg_ids[0])]
-                else:
+            if len(events) == 1 and not parsed.rejected:
+                # The usual webhook: one publish, bounded by its own ack wait (no gather task per
+                # event, no second timer around it).
+                results = [await self.bus.publish(events[0], msg_id=msg_ids[0], ack_timeout=self.timeout)]
+            else:
+                async with asyncio.timeout(self.timeout):
                     results = await self.bus.publish_all(events, msg_ids) if events else []
-                for rejected in parsed.rejected:
-                    # Published before the 200, like the events: a lost dead letter is a lost message.
-                    await self.bus.publish_dead_letter(
-                        DLQ_DURABLE,
-                        orjson.dumps(rejected.raw),
-                        rejected.reason,
-                        Provider=provider.value,
-                    )
+                    for rejected in parsed.rejected:
+                        # Published before the 200, like the events: a lost dead letter is a lost message.
+                        await self.bus.publish_dead_letter(
+                            DLQ_DURABLE,
+                            orjson.dumps(rejected.raw),
+                            rejected.reason,
+                            Provider=provider.value,
+                        )
         except Exception as exc:  # whatever the cause, the answer is 503 and a provider retry
             log.warning("publish failed, answering 503: %r", exc, extra={"provider": provider.value})
             raise PublishFailed(str(exc)) from exc

@@ -153,6 +153,22 @@ async def test_bad_missing_and_tampered_signatures_are_refused_with_401(gateway:
     assert await gateway.stored() == []
 
 
+async def test_a_repeated_signature_header_is_judged_by_its_first_value(gateway: Gateway) -> None:
+    raw, headers = signed(text_webhook(new_phone()))
+    good = headers["X-Hub-Signature-256"]
+    bad = signed(raw, "other")[1]["X-Hub-Signature-256"]
+    base = [("Content-Type", "application/json")]
+    answers = [
+        await gateway.client.post(
+            "/webhooks/whatsapp",
+            content=raw,
+            headers=[*base, ("X-Hub-Signature-256", first), ("X-Hub-Signature-256", second)],
+        )
+        for first, second in ((bad, good), (good, bad))
+    ]
+    assert [a.status_code for a in answers] == [401, 200]
+
+
 async def test_unverified_requests_are_limited_per_ip_with_429_and_headers(make_gateway) -> None:
     gateway: Gateway = await make_gateway(rate_limit_ip_per_minute=3)
     raw, _ = signed(text_webhook(new_phone()))
