@@ -11,16 +11,21 @@ rules on the last user message. Knobs: latency/jitter, ``error_rate`` (500), ``r
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
+from collections import deque
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.fakes.server import FakeServer, cli
+from tests.fakes.server import FakeJSONResponse, FakeServer, cli
+
+#: Request bodies kept for :attr:`FakeOpenAI.requests`: enough for any test, bounded for a fake
+#: serving a benchmark or a demo for hours.
+REQUESTS_KEPT = 10_000
 
 _FACT_RULES = (
     ("budget", ("r$", "orçamento", "budget", "mil reais")),
@@ -51,7 +56,14 @@ class FakeOpenAI(FakeServer):
         self.rate_limit_rate = float(kw.pop("rate_limit_rate", 0.0))
         self.reply_text: str = str(kw.pop("reply_text", "") or "")
         super().__init__(**kw)
-        self.requests: list[dict[str, Any]] = []
+        # Raw bytes, decoded on read: thousands of kept dicts would make every garbage
+        # collection of this process slower (they are tracked objects; bytes are not).
+        self._bodies: deque[bytes] = deque(maxlen=REQUESTS_KEPT)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The JSON bodies of the chat-completions calls received (the last ``REQUESTS_KEPT``)."""
+        return [orjson.loads(raw) for raw in self._bodies]
 
     def routes(self) -> list[Route]:
         return [
@@ -71,13 +83,14 @@ class FakeOpenAI(FakeServer):
     async def chat_completions(self, request: Request) -> JSONResponse:
         if not request.headers.get("authorization", "").startswith("Bearer "):
             return JSONResponse({"error": {"message": "no key", "type": "invalid_request_error"}}, 401)
-        body = await request.json()
-        self.requests.append(body)
+        raw = await request.body()
+        body = orjson.loads(raw)
+        self._bodies.append(raw)
         error = await self.disturb()
         if error is not None:
             return error
         if self.rate_limit_rate and self._rng.random() < self.rate_limit_rate:
-            return JSONResponse(
+            return FakeJSONResponse(
                 {
                     "error": {
                         "message": "Rate limit reached",
@@ -91,15 +104,15 @@ class FakeOpenAI(FakeServer):
         messages = body.get("messages", [])
         last_user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
         if not isinstance(last_user, str):
-            last_user = json.dumps(last_user)
+            last_user = orjson.dumps(last_user).decode()
         reply = self.reply_text or f"Obrigado pela mensagem! Você disse: {last_user[:200]}"
         fmt = body.get("response_format") or {}
         if fmt.get("type") == "json_schema":
-            content = json.dumps({"reply": reply, "facts": self._facts(fmt, last_user)}, ensure_ascii=False)
+            content = orjson.dumps({"reply": reply, "facts": self._facts(fmt, last_user)}).decode()
         else:
             content = reply
         prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
-        return JSONResponse(
+        return FakeJSONResponse(
             {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import orjson
 from openai import (
     APIConnectionError,
@@ -26,9 +27,9 @@ from openai import (
     APITimeoutError,
     AsyncOpenAI,
     BadRequestError,
+    DefaultAioHttpClient,
     RateLimitError,
 )
-from openai.types.chat import ChatCompletion
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
@@ -43,6 +44,7 @@ from .domain import (
     generic_topic,
     language_of,
     parse_completion,
+    read_chat_completion,
     reply_schema,
 )
 from .settings import Settings
@@ -139,23 +141,20 @@ class Responder:
         self.breaker = breaker
         self.cache = cache
         self.prompt = Prompt.load(settings)
+        self._response_format = reply_schema()  # read-only here: one copy serves every call
         self.client = client
-        self._clients: list[AsyncOpenAI] = [client] if client is not None else []
         if self.client is None and settings.openai_enabled:
-            # Several clients used in turn: httpcore scans a pool's connections on every request
-            # and closes idle ones beyond its keep-alive limit, so hundreds of calls in flight
-            # through one pool cost CPU and reconnects; small pools do not.
-            self._clients = [
-                AsyncOpenAI(
-                    api_key=settings.openai_api_key.get_secret_value(),
-                    base_url=settings.openai_base_url,
-                    timeout=settings.openai_timeout_seconds,
-                    max_retries=0,
-                )
-                for _ in range(max(settings.openai_http_clients, 1))
-            ]
-            self.client = self._clients[0]
-        self._turn = 0
+            # The SDK's aiohttp transport: the default httpx transport cost about twice the CPU
+            # per call (its connection pool is scanned on every request), which capped replies/s
+            # in `orbion bench llm-proxy`. Same SDK surface: auth, timeouts, errors, typed results.
+            # Up to the SDK's 1000 connections, so hundreds of slow calls can be in flight at once.
+            self.client = AsyncOpenAI(
+                api_key=settings.openai_api_key.get_secret_value(),
+                base_url=settings.openai_base_url,
+                timeout=settings.openai_timeout_seconds,
+                max_retries=0,
+                http_client=DefaultAioHttpClient(),
+            )
         self.last_success_at: float | None = None
         self.last_error = ""
         self._last_probe = 0.0
@@ -222,8 +221,8 @@ class Responder:
         return generated
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.close()
+        if self.client is not None:
+            await self.client.close()
 
     def _fallback(self, req: ReplyRequestedPayload, language: str, reason: str) -> Generated:
         FALLBACKS.labels(reason).inc()
@@ -277,16 +276,14 @@ class Responder:
         body = {
             "model": self.settings.openai_model,
             "messages": self.messages(req),
-            "response_format": reply_schema(),
+            "response_format": self._response_format,
             "max_tokens": self.settings.openai_max_tokens,
             "temperature": self.settings.openai_temperature,
         }
-        # POST /chat/completions through the SDK's own client (auth, timeout, errors, typed
-        # ChatCompletion) without chat.completions.create's param transform: that walk over
-        # typed dicts cost ~3 ms of CPU per call in `orbion bench llm-proxy`, and our body is
-        # already plain JSON of the same shape.
-        self._turn = (self._turn + 1) % len(self._clients)
-        client = self._clients[self._turn]
+        # POST /chat/completions through the SDK's own client (auth, timeout, errors) without
+        # chat.completions.create's param transform (a walk over typed dicts, ~3 ms of CPU per
+        # call in `orbion bench llm-proxy`): our body is plain JSON of the same shape, encoded
+        # by orjson, and the answer is read as plain JSON (domain.read_chat_completion).
         model = self.settings.openai_model
         with _tracer.start_as_current_span(
             f"chat {model}",
@@ -299,29 +296,27 @@ class Responder:
             },
         ) as span:
             try:
-                completion = await client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+                response = await self.client.post(
+                    "/chat/completions", cast_to=httpx2.Response, content=orjson.dumps(body)
+                )
             except asyncio.CancelledError:
                 # The breaker's call timeout cancels us; OpenTelemetry records only Exception
                 # subclasses, so without this the span of a timed-out call would look fine.
                 span.set_status(Status(StatusCode.ERROR, "cancelled (call timeout or shutdown)"))
                 raise
-            span.set_attribute("gen_ai.response.model", completion.model or model)
-            if completion.usage is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", completion.usage.prompt_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
+            answer = read_chat_completion(orjson.loads(response.content))
+            span.set_attribute("gen_ai.response.model", answer.model or model)
+            span.set_attribute("gen_ai.usage.input_tokens", answer.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", answer.completion_tokens)
         elapsed = time.perf_counter() - started
         OPENAI_SECONDS.observe(elapsed)
-        text, facts = parse_completion(completion.choices[0].message.content if completion.choices else None)
+        text, facts = parse_completion(answer.content)
         self.last_success_at = time.monotonic()
-        usage = completion.usage
         return Generated(
             text=text,
             facts=facts,
-            model=completion.model or self.settings.openai_model,
-            usage=TokenUsage(
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-            ),
+            model=answer.model or model,
+            usage=TokenUsage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens),
             latency_ms=round(elapsed * 1000, 2),
             source=ReplySource.LLM,
             prompt_version=self.prompt.version,

@@ -27,9 +27,6 @@ class Settings(CommonSettings):
     openai_retry_backoff_seconds: float = Field(0.5, description="First retry delay; doubles each retry.")
     openai_max_tokens: int = Field(600, description="Upper bound of tokens in one reply.")
     openai_temperature: float = Field(0.4, description="Sampling temperature.")
-    openai_http_clients: int = Field(
-        8, description="OpenAI clients (connection pools) used in turn; keeps each pool small under load."
-    )
     openai_breaker_fail_max: int = Field(5, description="Consecutive OpenAI failures that open its breaker.")
     openai_breaker_reset_seconds: float = Field(30.0, description="Seconds the OpenAI breaker stays open.")
     prompt_file: Path | None = Field(

@@ -18,6 +18,7 @@ from orbion_llm_proxy.domain import (
     generic_topic,
     language_of,
     parse_completion,
+    read_chat_completion,
     reply_schema,
     sheet_row,
     split_text,
@@ -87,6 +88,27 @@ def test_completion_gives_reply_and_facts() -> None:
 def test_bad_completion_is_refused(content: str | None) -> None:
     with pytest.raises(BadCompletion):
         parse_completion(content)
+
+
+def test_chat_completion_gives_first_content_model_and_usage() -> None:
+    body = {
+        "model": "gpt-4o-mini-2024",
+        "choices": [{"message": {"role": "assistant", "content": '{"reply": "Oi"}'}}, {"message": {}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+    }
+    answer = read_chat_completion(body)
+    assert (answer.content, answer.model) == ('{"reply": "Oi"}', "gpt-4o-mini-2024")
+    assert (answer.prompt_tokens, answer.completion_tokens) == (12, 3)
+
+
+@pytest.mark.parametrize(
+    "body", [None, [], {}, {"choices": []}, {"choices": [{"message": None}]}, {"choices": "x", "usage": 3}]
+)
+def test_chat_completion_without_parts_reads_as_empty(body: object) -> None:
+    answer = read_chat_completion(body)
+    assert (answer.content, answer.model, answer.prompt_tokens, answer.completion_tokens) == (None, "", 0, 0)
+    with pytest.raises(BadCompletion):  # and no content is a bad completion, as before
+        parse_completion(answer.content)
 
 
 def test_schema_declares_every_fact_field() -> None:
