@@ -11,6 +11,7 @@ Fixtures: ``infra_urls``, ``nats_url``, ``database_url``, ``redis_url``, ``db_po
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,10 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+
+# Tests look at traces: record every one (the default samples one message in ten), here and in
+# the service processes the integration tests start.
+os.environ.setdefault("ORBION_TRACE_SAMPLE_RATIO", "1")
 
 # The repository root is not on sys.path under --import-mode=importlib; tests.support lives there.
 _ROOT = Path(__file__).resolve().parent

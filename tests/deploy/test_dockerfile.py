@@ -255,11 +255,14 @@ from packaging.requirements import Requirement
 
 service = sys.argv[1]
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-allowed, todo = set(), [f"orbion-{service}", "pip", "setuptools"]  # pip/setuptools: the base image
+allowed, seen = set(), set()
+todo = [(f"orbion-{service}", ""), ("pip", ""), ("setuptools", "")]  # pip/setuptools: the base image
 while todo:
-    name = norm(todo.pop())
-    if name in allowed:
+    name, extra = todo.pop()
+    name = norm(name)
+    if (name, extra) in seen:
         continue
+    seen.add((name, extra))
     allowed.add(name)
     try:
         requires = distribution(name).requires or []
@@ -267,8 +270,8 @@ while todo:
         continue
     for text in requires:
         req = Requirement(text)
-        if req.marker is None or req.marker.evaluate({"extra": ""}):
-            todo.append(req.name)
+        if req.marker is None or req.marker.evaluate({"extra": extra}):
+            todo += [(req.name, "")] + [(req.name, wanted) for wanted in req.extras]
 owners = {mod: {norm(d) for d in dists} for mod, dists in packages_distributions().items()}
 
 class NotInImage(importlib.abc.MetaPathFinder):

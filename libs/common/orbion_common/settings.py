@@ -54,10 +54,11 @@ class CommonSettings(BaseSettings):
     log_json: bool = Field(True, description="Structured JSON logs; false for plain text.")
     otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint, e.g. the monitor's /v1/traces.")
     trace_sample_ratio: float = Field(
-        1.0,
+        0.1,
         ge=0.0,
         le=1.0,
-        description="Share of messages whose traces are recorded (decided at the gateway).",
+        description="Share of messages whose traces are recorded (decided at the gateway); "
+        "`orbion up` and the compose file record every one.",
     )
     stream_name: str = Field("ORBION", description="JetStream stream that carries the events.")
     stream_replicas: int = Field(

@@ -25,7 +25,7 @@ from orbion_gateway.inbound import to_events
 
 @pytest.fixture(scope="module")
 def spans() -> Iterator[InMemorySpanExporter]:
-    telemetry.setup_telemetry("gateway", CommonSettings())  # every trace sampled, the default
+    telemetry.setup_telemetry("gateway", CommonSettings())  # every trace sampled (the root conftest sets it)
     exporter = InMemorySpanExporter()
     telemetry.add_span_processor(SimpleSpanProcessor(exporter))
     yield exporter

@@ -252,7 +252,8 @@ async def _run_services(
         out.line("orbion", f"{svc}: migrations up to date" + (f" ({len(files)} applied)" if files else ""))
     if not services:
         out.line("orbion", "no service installed; nothing to run (infra stays up until Ctrl-C)")
-    env = {**os.environ, **urls.as_env(), "PYTHONUNBUFFERED": "1"}
+    # On a developer's machine every message is traced, so the dashboard shows each one.
+    env = {"ORBION_TRACE_SAMPLE_RATIO": "1", **os.environ, **urls.as_env(), "PYTHONUNBUFFERED": "1"}
     if "monitor" in services and not settings.otlp_endpoint:
         # Traces of every service go to the monitor unless an OTLP endpoint is configured.
         env["ORBION_OTLP_ENDPOINT"] = settings.service_url("monitor") + "/v1/traces"
