@@ -134,21 +134,34 @@ class VersionedCache(Generic[T]):
 
     async def peek(self, key: str) -> Cached[T] | None:
         """The cached value and its version, or None on a miss (or when Redis is unavailable)."""
+        return (await self.peek_many([key])).get(key)
+
+    async def peek_many(self, keys: Sequence[str]) -> dict[str, Cached[T]]:
+        """:meth:`peek` for several keys in one round trip; misses are left out."""
+        if not keys:
+            return {}
         if not self.available:
-            self._requests["bypass"].inc()
-            return None
+            self._requests["bypass"].inc(len(keys))
+            return {}
         assert self.redis is not None
         try:
-            version, data = await self.redis.hmget(self.key(key), ["v", "d"])
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(self.key(key), ["v", "d"])
+                replies = await pipe.execute()
         except _REDIS_ERRORS as exc:
-            self._requests["error"].inc()
+            self._requests["error"].inc(len(keys))
             self._failed("read", exc)
-            return None
-        if version is None or data is None:
-            self._requests["miss"].inc()
-            return None
-        self._requests["hit"].inc()
-        return Cached(int(version), self.loads(data if isinstance(data, bytes) else data.encode()))
+            return {}
+        found: dict[str, Cached[T]] = {}
+        for key, (version, data) in zip(keys, replies, strict=True):
+            if version is not None and data is not None:
+                found[key] = Cached(
+                    int(version), self.loads(data if isinstance(data, bytes) else data.encode())
+                )
+        self._requests["hit"].inc(len(found))
+        self._requests["miss"].inc(len(keys) - len(found))
+        return found
 
     async def get(self, key: str, loader: Callable[[], Awaitable[tuple[int, T] | None]]) -> T | None:
         """The value for ``key``: from Redis, else from ``loader`` (run once across waiters).

@@ -17,13 +17,14 @@ together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import asyncpg
 import orjson
 from opentelemetry import propagate
+from opentelemetry.context import Context
 
 from .events import Envelope, Event, decode, encode
 
@@ -55,6 +56,14 @@ class StoredEvent:
         return Cursor(self.tx_id, self.position)
 
 
+class Page(NamedTuple):
+    """What a follower read: the events it wants, and where to continue from."""
+
+    events: list[StoredEvent]
+    cursor: Cursor  # after the last event read, of any type
+    read: int  # events read, of any type
+
+
 def _stored(row: asyncpg.Record) -> StoredEvent:
     trace = row.get("trace_context")
     return StoredEvent(
@@ -66,9 +75,13 @@ def _stored(row: asyncpg.Record) -> StoredEvent:
     )
 
 
-def _current_trace_context() -> str | None:
+def trace_context(context: Context | None = None) -> str | None:
+    """The W3C trace context stored with appended events: of ``context``, else the current one.
+
+    A batch writer captures it in each caller's context, so that every event keeps its own trace.
+    """
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return orjson.dumps(carrier).decode() if carrier else None
 
 
@@ -92,10 +105,21 @@ class EventStore:
                       trace_context::text AS trace_context"""
         self._sql_insert_many = f"""
             INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
-            SELECT e.event_id, e.stream_id, e.version, e.type, e.occurred_at, e.body::jsonb, $7::jsonb
-            FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[])
-                 WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, n)
-            ORDER BY e.n"""
+            SELECT e.event_id, e.stream_id, e.version, e.type, e.occurred_at, e.body::jsonb, e.trace::jsonb
+            FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[],
+                        $7::text[])
+                 WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
+            ORDER BY e.n
+            RETURNING event_id, position"""
+        self._sql_versions = (
+            f"SELECT stream_id, max(version) AS version FROM {s}.events "
+            f"WHERE stream_id = ANY($1::text[]) GROUP BY stream_id"
+        )
+        self._sql_last_of_type_many = (
+            f"SELECT DISTINCT ON (stream_id) stream_id, position, version, tx_id::text::bigint AS tx_id, "
+            f"body::text AS body FROM {s}.events WHERE stream_id = ANY($1::text[]) AND type = $2 "
+            f"ORDER BY stream_id, version DESC"
+        )
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -109,8 +133,10 @@ class EventStore:
             f"WHERE position > $1 AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
             f"ORDER BY position LIMIT $2"
         )
+        # The body only of the wanted types ($4, NULL: all): the others are passed, not parsed.
         self._sql_after = (
-            f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body, "
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, "
+            f"CASE WHEN $4::text[] IS NULL OR type = ANY($4) THEN body::text END AS body, "
             f"trace_context::text AS trace_context FROM {s}.events "
             f"WHERE (tx_id, position) > ($1::text::xid8, $2) "
             f"AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
@@ -118,6 +144,10 @@ class EventStore:
         )
         self._sql_claim = (
             f"INSERT INTO {s}.processed (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        )
+        self._sql_claim_many = (
+            f"INSERT INTO {s}.processed (consumer, event_id) SELECT $1, unnest($2::text[]) "
+            f"ON CONFLICT DO NOTHING RETURNING event_id"
         )
         self._sql_checkpoint = (
             f"SELECT tx_id::text::bigint AS tx_id, position FROM {s}.checkpoints WHERE name = $1"
@@ -148,7 +178,7 @@ class EventStore:
         if expected_version is not None and current != expected_version:
             raise ConcurrencyError(f"stream {stream_id} is at version {current}, expected {expected_version}")
         ids = [e.event_id for e in events]
-        existing = {r["event_id"] for r in await conn.fetch(self._sql_existing, ids)} if ids else set()
+        existing = await self.stored_ids(conn, ids) if ids else set()
         fresh = [e for e in events if e.event_id not in existing]
         if not fresh:
             return []
@@ -163,37 +193,71 @@ class EventStore:
                     [e.type for e in fresh],
                     [e.occurred_at for e in fresh],
                     [encode(e).decode() for e in fresh],
-                    _current_trace_context(),
+                    trace_context(),
                 )
         except asyncpg.UniqueViolationError as exc:
             raise ConcurrencyError(f"concurrent append to stream {stream_id}: {exc.detail}") from exc
         return [_stored(r) for r in rows]
 
     async def append_at_versions(
-        self, conn: asyncpg.Connection, events: Sequence[tuple[Envelope, int]]
-    ) -> None:
-        """Append events of many streams in one statement, each at the version the caller decided.
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[tuple[Envelope, int]],
+        trace_contexts: Sequence[str | None] | None = None,
+        *,
+        savepoint: bool = True,
+    ) -> list[int]:
+        """Append events of many streams in one statement, each at the version the caller decided;
+        returns their positions, in the order given.
 
         For batch writers that hold the streams' current versions already (e.g. locked with their
-        projection rows): a version taken meanwhile by another writer raises
-        :class:`ConcurrencyError` and nothing of the batch is stored.
+        projection rows): a version taken meanwhile by another writer, or an event id already
+        stored, raises :class:`ConcurrencyError` and nothing of the batch is stored.
+        ``trace_contexts`` (see :func:`trace_context`), one per event: by default the current one.
+        ``savepoint=False`` saves two round trips for a caller that abandons its transaction on
+        :class:`ConcurrencyError` anyway (the savepoint keeps it usable).
+        Writers that may append to the same streams concurrently should order ``events`` the
+        same way (e.g. by stream), so that their row locks cannot deadlock.
         """
         if not events:
-            return
+            return []
+        traces = list(trace_contexts) if trace_contexts is not None else [trace_context()] * len(events)
+        args = (
+            [e.event_id for e, _ in events],
+            [e.stream_id for e, _ in events],
+            [v for _, v in events],
+            [e.type for e, _ in events],
+            [e.occurred_at for e, _ in events],
+            [encode(e).decode() for e, _ in events],
+            traces,
+        )
         try:
-            async with conn.transaction():
-                await conn.execute(
-                    self._sql_insert_many,
-                    [e.event_id for e, _ in events],
-                    [e.stream_id for e, _ in events],
-                    [v for _, v in events],
-                    [e.type for e, _ in events],
-                    [e.occurred_at for e, _ in events],
-                    [encode(e).decode() for e, _ in events],
-                    _current_trace_context(),
-                )
+            if savepoint:
+                async with conn.transaction():
+                    rows = await conn.fetch(self._sql_insert_many, *args)
+            else:
+                rows = await conn.fetch(self._sql_insert_many, *args)
         except asyncpg.UniqueViolationError as exc:
             raise ConcurrencyError(f"concurrent append: {exc.detail}") from exc
+        positions = {r["event_id"]: r["position"] for r in rows}
+        return [positions[e.event_id] for e, _ in events]
+
+    async def stream_versions(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> dict[str, int]:
+        """The current version of each stream (0 for a stream with no event yet)."""
+        rows = await conn.fetch(self._sql_versions, list(stream_ids))
+        found = {r["stream_id"]: r["version"] for r in rows}
+        return {s: found.get(s, 0) for s in stream_ids}
+
+    async def stored_ids(self, conn: asyncpg.Connection, event_ids: Sequence[str]) -> set[str]:
+        """Those of ``event_ids`` that are already in the store."""
+        return {r["event_id"] for r in await conn.fetch(self._sql_existing, list(event_ids))}
+
+    async def last_of_type_many(
+        self, conn: asyncpg.Connection, stream_ids: Sequence[str], event_type: str
+    ) -> dict[str, StoredEvent]:
+        """:meth:`last_of_type` for several streams in one statement (streams without one are left out)."""
+        rows = await conn.fetch(self._sql_last_of_type_many, list(stream_ids), event_type)
+        return {r["stream_id"]: _stored(r) for r in rows}
 
     async def last_of_type(
         self, conn: asyncpg.Connection, stream_id: str, event_type: str
@@ -225,13 +289,36 @@ class EventStore:
 
         Following the log with this never skips an event, however late its transaction commits.
         """
-        rows = await conn.fetch(self._sql_after, str(cursor.tx_id), cursor.position, limit)
-        return [_stored(r) for r in rows]
+        return (await self.read_page(conn, cursor, limit=limit)).events
+
+    async def read_page(
+        self,
+        conn: asyncpg.Connection,
+        cursor: Cursor,
+        types: Collection[str] | None = None,
+        *,
+        limit: int = 500,
+    ) -> Page:
+        """:meth:`read_after`, returning only the events of ``types`` (None: all), and the cursor
+        after the last event read, whatever its type: a follower that publishes a few types
+        moves past the others without parsing them."""
+        wanted = sorted(types) if types is not None else None
+        rows = await conn.fetch(self._sql_after, str(cursor.tx_id), cursor.position, limit, wanted)
+        if not rows:
+            return Page([], cursor, 0)
+        last = Cursor(int(rows[-1]["tx_id"]), rows[-1]["position"])
+        return Page([_stored(r) for r in rows if r["body"] is not None], last, len(rows))
 
     async def claim(self, conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
         """Mark ``event_id`` as handled by ``consumer``; False if it already was (a redelivery)."""
         status: str = await conn.execute(self._sql_claim, consumer, event_id)
         return status.endswith(" 1")
+
+    async def claim_many(self, conn: asyncpg.Connection, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        """:meth:`claim` for several events in one statement; returns those claimed now."""
+        # One order for every transaction: concurrent batches never deadlock on the marks.
+        rows = await conn.fetch(self._sql_claim_many, consumer, sorted(event_ids))
+        return {r["event_id"] for r in rows}
 
     async def cursor(self, conn: asyncpg.Connection, name: str) -> Cursor:
         row = await conn.fetchrow(self._sql_checkpoint, name)

@@ -91,17 +91,17 @@ class Relay:
         """Publish one batch of the log; returns how many events it read (published or passed)."""
         async with self.pool.acquire() as conn:
             cursor = await self.store.cursor(conn, self.name)
-            batch = await self.store.read_after(conn, cursor, limit=self.batch_size)
-            if not batch:
+            page = await self.store.read_page(conn, cursor, self.publish_types, limit=self.batch_size)
+            if not page.read:
                 RELAY_LAG.labels(self.store.schema).set(0)
                 return 0
-            owned = [s for s in batch if self.publish_types is None or s.event.type in self.publish_types]
+            owned = page.events
             RELAY_LAG.labels(self.store.schema).set(len(owned))
             if owned:
                 await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
-            await self.store.save_cursor(conn, self.name, batch[-1].cursor)
+            await self.store.save_cursor(conn, self.name, page.cursor)
         RELAYED.labels(self.store.schema).inc(len(owned))
-        return len(batch)
+        return page.read
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

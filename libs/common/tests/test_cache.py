@@ -80,6 +80,14 @@ async def test_a_batch_write_stores_each_newer_value_and_skips_the_stale_one(red
     ]
 
 
+async def test_a_batch_read_answers_the_hits_and_counts_the_misses(redis: Redis) -> None:
+    cache = make(redis)
+    await cache.put_many([("a", 1, "a1"), ("c", 3, "c3")])
+    assert await cache.peek_many(["a", "b", "c"]) == {"a": Cached(1, "a1"), "c": Cached(3, "c3")}
+    assert REQUESTS.labels(cache.name, "hit")._value.get() == 2
+    assert REQUESTS.labels(cache.name, "miss")._value.get() == 1
+
+
 async def test_a_slow_cold_load_does_not_clobber_a_fresher_write_through(redis: Redis) -> None:
     cache = make(redis)
     loader = CountingLoader(6, "old snapshot", delay=0.05)

@@ -138,3 +138,32 @@ async def test_a_batch_across_streams_is_stored_whole_or_not_at_all(store):
         await es.append_at_versions(conn, [(inbound("551100", 4), 3), (inbound("551177", 5), 1)])
     assert await es.stream_version(conn, "551100") == 2
     assert await es.stream_version(conn, "551177") == 1
+
+
+async def test_a_batch_returns_its_positions_and_keeps_each_events_trace_context(store):
+    es, conn = store
+    a, b = inbound("551100", 1), inbound("551177", 2)
+    traces = ['{"traceparent": "00-0000000000000000000000000000000a-000000000000000a-01"}', None]
+    positions = await es.append_at_versions(conn, [(a, 1), (b, 1)], traces)
+    rows = await conn.fetch(f'SELECT event_id, position, trace_context::text AS t FROM "{es.schema}".events')
+    by_id = {r["event_id"]: (r["position"], r["t"]) for r in rows}
+    assert positions == [by_id[a.event_id][0], by_id[b.event_id][0]]
+    assert "0000000000000000000000000000000a" in by_id[a.event_id][1] and by_id[b.event_id][1] is None
+    assert await es.stream_versions(conn, ["551100", "551177", "551199"]) == {
+        "551100": 1,
+        "551177": 1,
+        "551199": 0,
+    }
+    assert await es.claim_many(conn, "c", [a.event_id, b.event_id]) == {a.event_id, b.event_id}
+    assert await es.claim_many(conn, "c", [a.event_id, "other"]) == {"other"}  # a redelivery: not again
+
+
+async def test_a_follower_of_some_types_passes_the_others_without_reading_them(store):
+    es, conn = store
+    await es.append(conn, "551100", [inbound("551100", 1), inbound("551100", 2)])
+    page = await es.read_page(conn, START, {"ReplyRequested"})
+    assert (page.events, page.read) == ([], 2)  # nothing to publish, but the cursor moves past both
+    assert await es.read_page(conn, page.cursor, {"ReplyRequested"}) == (page.events, page.cursor, 0)
+    everything = await es.read_page(conn, START)
+    assert [s.event.payload.text for s in everything.events] == ["message 1", "message 2"]
+    assert everything.cursor == page.cursor

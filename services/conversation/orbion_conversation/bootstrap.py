@@ -28,7 +28,8 @@ from orbion_common.service import run, serve
 from orbion_common.telemetry import setup_telemetry
 
 from .app import AppDeps, create_app
-from .consumers import Deps, consumer_spec, handler
+from .consumers import Deps, consumer_spec
+from .group import GroupCommit
 from .history import History, history_cache
 from .replies import ReplyContext, ReplyScheduler
 from .settings import Settings
@@ -69,7 +70,7 @@ class Service:
             )
             if deliver_new_only:
                 spec = replace(spec, deliver_new_only=True)
-            self.bus.consume(spec, handler(self.deps))
+            self.bus.consume(spec, GroupCommit(self.deps).handle)
         if self.relay is not None:
             self.tasks.append(asyncio.create_task(self.relay.run(), name="conversation-relay"))
         self.tasks.append(asyncio.create_task(self.scheduler.run(), name="conversation-replies"))

@@ -1,4 +1,6 @@
-"""JetStream handler of the conversation service: decode, claim, append, project, decide, ack.
+"""JetStream handler of the conversation service, one event at a time: claim, append, project,
+decide, ack. ``group.GroupCommit`` records a bus batch's events together and falls back to this
+path for a group of one, or for each event of a group that failed.
 
 One durable consumer receives the message events (gateway, llm-proxy) and the lead
 service's events that hold or stop replies (opt-out/in, block, hand-off, human
@@ -15,7 +17,7 @@ its transaction rolls back, and its event is nakked and re-read after the winner
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,7 +36,7 @@ CONSUMED_TYPES = tuple(t for t in projector.PROJECTED_TYPES if t != "ReplyReques
 
 # Delivery policy: nak with growing delays (a concurrency conflict settles in milliseconds,
 # a database outage in seconds), dead-letter after 8 tries.
-def consumer_spec(durable: str = "conversation", batch_size: int = 64, max_deliver: int = 8) -> ConsumerSpec:
+def consumer_spec(durable: str = "conversation", batch_size: int = 256, max_deliver: int = 8) -> ConsumerSpec:
     return ConsumerSpec(
         durable=durable,
         event_types=CONSUMED_TYPES,
@@ -93,10 +95,3 @@ async def _record(conn: asyncpg.Connection, ctx: ReplyContext, event: Event) -> 
     if isinstance(event, MessageReceived):
         return await replies.on_inbound(conn, ctx, event, applied, pending)
     return "projected"
-
-
-def handler(deps: Deps) -> Callable[[Event, Delivery], Awaitable[None]]:
-    async def handle(event: Event, delivery: Delivery) -> None:
-        await record_event(deps, event, delivery)
-
-    return handle

@@ -64,6 +64,10 @@ class History:
         """After a commit: store the snapshot taken in that transaction (older versions lose)."""
         await self.cache.put(phone, version, items)
 
+    async def write_through_many(self, snapshots: dict[str, tuple[int, list[MessageItem]]]) -> None:
+        """``write_through`` for several contacts, in one Redis round trip."""
+        await self.cache.put_many([(phone, version, items) for phone, (version, items) in snapshots.items()])
+
     async def page(
         self, phone: str, limit: int, before: tuple[datetime, int] | None
     ) -> list[MessageItem] | None:

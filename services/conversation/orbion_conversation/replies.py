@@ -4,11 +4,13 @@ Owns the ``pending_replies`` work queue and the scheduler that empties it. A mes
 deserves an answer either asks at once (quiet period 0) or joins the contact's pending
 burst, written in the inbound message's transaction. The scheduler claims due bursts
 (``FOR UPDATE SKIP LOCKED``: replicas never emit the same one), appends one ``ReplyRequested``
-per burst and deletes the row in one transaction; the relay publishes it. A crash anywhere
-leaves either the row (emitted later) or the event (published later), never both or neither.
+per burst and deletes the rows in one transaction per round; the relay publishes them. A crash
+anywhere leaves either the row (emitted later) or the event (published later), never both or
+neither.
 
 Lock order, to avoid deadlocks between the consumer and the scheduler: the pending row
-first, then the contact's event stream.
+first, then the contact's event stream; several at once: pending rows in phone order, appends
+in stream order.
 """
 
 from __future__ import annotations
@@ -61,6 +63,47 @@ async def lock_pending(conn: asyncpg.Connection, phone: str) -> PendingRow | Non
     return await store.load_pending(conn, phone)
 
 
+@dataclass(frozen=True)
+class InboundDecision:
+    """What a newly projected inbound message does about the contact's reply (no I/O yet)."""
+
+    outcome: str  # duplicate, cancelled, skipped:<reason>, scheduled, or requested (quiet period 0)
+    metric: str | None = None  # the DECISIONS label
+    save: PendingRow | None = None  # the contact's burst with this message: upsert it
+    delete: bool = False  # the contact's waiting reply goes
+    ask: tuple[str, ...] = ()  # quiet period 0: ask a reply for these inbound ids now
+
+
+def decide_inbound(
+    ctx: ReplyContext,
+    event: MessageReceived,
+    applied: projector.Applied,
+    pending: PendingRow | None,
+    now: datetime,
+) -> InboundDecision:
+    """Decide about a newly projected inbound message, given the contact's locked pending row."""
+    item = applied.new_message
+    if item is None:
+        return InboundDecision("duplicate")
+    if domain.cancels_pending_reply(event.payload):
+        return InboundDecision("cancelled", "cancelled", delete=pending is not None)
+    reason = domain.skip_reason(event.payload, applied.summary.state, event.event_id)
+    if reason is not None:
+        return InboundDecision(f"skipped:{reason}", f"skipped:{reason.split(':')[0]}")
+    if ctx.quiet_seconds <= 0:
+        ids = (*pending.reply.inbound_ids, item.key) if pending is not None else (item.key,)
+        return InboundDecision("requested", "requested", delete=pending is not None, ask=ids)
+    burst = domain.extend_burst(
+        pending.reply if pending is not None else None,
+        event.stream_id,
+        item.key,
+        now,
+        timedelta(seconds=ctx.quiet_seconds),
+    )
+    correlation = event.correlation_id or event.event_id
+    return InboundDecision("scheduled", "scheduled", save=PendingRow(burst, correlation, event.event_id))
+
+
 async def on_inbound(
     conn: asyncpg.Connection,
     ctx: ReplyContext,
@@ -68,38 +111,23 @@ async def on_inbound(
     applied: projector.Applied,
     pending: PendingRow | None,
 ) -> str:
-    """Decide about a newly projected inbound message; returns the outcome (for logs and tests)."""
-    item = applied.new_message
-    if item is None:
-        return "duplicate"
-    phone = event.stream_id
-    if domain.cancels_pending_reply(event.payload):
-        if pending is not None:
-            await store.delete_pending(conn, phone)
-        DECISIONS.labels("cancelled").inc()
-        return "cancelled"
-    reason = domain.skip_reason(event.payload, applied.summary.state, event.event_id)
-    if reason is not None:
-        DECISIONS.labels(f"skipped:{reason.split(':')[0]}").inc()
-        return f"skipped:{reason}"
+    """Decide about a newly projected inbound message and act on it; returns the outcome."""
+    decision = decide_inbound(ctx, event, applied, pending, utcnow())
+    outcome = await ask(conn, ctx, event, decision.ask) if decision.ask else decision.outcome
+    if decision.delete:
+        await store.delete_pending(conn, event.stream_id)
+    if decision.save is not None:
+        await store.save_pending(conn, decision.save)
+    if decision.metric is not None:
+        DECISIONS.labels(decision.metric).inc()
+    return outcome
+
+
+async def ask(conn: asyncpg.Connection, ctx: ReplyContext, event: MessageReceived, ids: Sequence[str]) -> str:
+    """Quiet period 0: the ReplyRequested for ``ids`` in the inbound message's transaction."""
     correlation = event.correlation_id or event.event_id
-    if ctx.quiet_seconds <= 0:
-        ids = (*pending.reply.inbound_ids, item.key) if pending is not None else (item.key,)
-        stored = await emit(conn, ctx, phone, ids, correlation, event.event_id)
-        if pending is not None:
-            await store.delete_pending(conn, phone)
-        DECISIONS.labels("requested").inc()
-        return "requested" if stored is not None else "silenced"
-    burst = domain.extend_burst(
-        pending.reply if pending is not None else None,
-        phone,
-        item.key,
-        utcnow(),
-        timedelta(seconds=ctx.quiet_seconds),
-    )
-    await store.save_pending(conn, PendingRow(burst, correlation, event.event_id))
-    DECISIONS.labels("scheduled").inc()
-    return "scheduled"
+    stored = await emit(conn, ctx, event.stream_id, ids, correlation, event.event_id)
+    return "requested" if stored is not None else "silenced"
 
 
 async def emit(
@@ -122,10 +150,34 @@ async def emit(
     burst = await ctx.projection.messages_by_keys(conn, inbound_ids)
     if not burst:
         return None
-    payload = domain.build_reply_request(
-        phone,
+    event = _reply_requested(
+        ctx,
+        summary,
         burst,
         await _recent(conn, ctx, phone),
+        await ctx.store.last_of_type(conn, phone, "ReplyRequested"),
+        correlation_id,
+        causation_id,
+    )
+    stored = await ctx.store.append(conn, phone, [event], expected_version=version)
+    for s in stored:
+        await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule)
+    return stored[0] if stored else None
+
+
+def _reply_requested(
+    ctx: ReplyContext,
+    summary: ContactSummary,
+    burst: Sequence[MessageItem],
+    recent: Sequence[MessageItem],
+    previous: StoredEvent | None,
+    correlation_id: str,
+    causation_id: str,
+) -> ReplyRequested:
+    payload = domain.build_reply_request(
+        summary.phone,
+        burst,
+        recent,
         profile_name=summary.profile_name,
         lead_stage=summary.lead_stage,
         language=summary.language,
@@ -133,20 +185,15 @@ async def emit(
     )
     # The contact's previous request: the llm-proxy sends this reply only after that one, so
     # replies keep the order of the bursts even when a redelivery brings them back out of it.
-    previous = await ctx.store.last_of_type(conn, phone, "ReplyRequested")
     if previous is not None:
         payload = payload.model_copy(update={"previous_reply_key": previous.event.payload.reply_key})
-    event = ReplyRequested(
+    return ReplyRequested(
         event_id=domain.reply_requested_event_id(payload.reply_key),
-        stream_id=phone,
+        stream_id=summary.phone,
         correlation_id=correlation_id,
         causation_id=causation_id,
         payload=payload,
     )
-    stored = await ctx.store.append(conn, phone, [event], expected_version=version)
-    for s in stored:
-        await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule)
-    return stored[0] if stored else None
 
 
 async def _recent(conn: asyncpg.Connection, ctx: ReplyContext, phone: str) -> list[MessageItem]:
@@ -156,8 +203,67 @@ async def _recent(conn: asyncpg.Connection, ctx: ReplyContext, phone: str) -> li
     return await ctx.projection.recent_messages(conn, phone, ctx.history.size)
 
 
+async def emit_many(
+    conn: asyncpg.Connection, ctx: ReplyContext, rows: Sequence[PendingRow]
+) -> list[StoredEvent]:
+    """:func:`emit` for many contacts' bursts (locked pending rows) in a few statements.
+
+    Raises ConcurrencyError when one of the streams moved on since its version was read: the
+    caller rolls back and decides each burst alone.
+    """
+    phones = [r.reply.phone for r in rows]
+    # The stream versions BEFORE the contacts, for the reason given in emit().
+    versions = await ctx.store.stream_versions(conn, phones)
+    loaded = await ctx.projection.load_contacts(conn, phones)
+    contacts = {p: loaded.get(p) or ContactSummary(phone=p) for p in phones}
+    asking = [r for r in rows if not contacts[r.reply.phone].state.silenced]
+    found = {
+        m.key: m
+        for m in await ctx.projection.messages_by_keys(conn, [i for r in asking for i in r.reply.inbound_ids])
+    }
+    bursts = {
+        r.reply.phone: sorted(
+            (found[i] for i in dict.fromkeys(r.reply.inbound_ids) if i in found),
+            key=lambda m: (m.created_at, m.position),
+        )
+        for r in asking
+    }
+    asking = sorted((r for r in asking if bursts[r.reply.phone]), key=lambda r: r.reply.phone)
+    if not asking:
+        return []
+    phones = [r.reply.phone for r in asking]
+    recent = {p: c.value for p, c in (await ctx.history.cache.peek_many(phones)).items()}
+    missing = [p for p in phones if p not in recent]
+    if missing:
+        snapshots = await ctx.projection.history_snapshots(conn, missing, ctx.history.size)
+        recent.update({p: snapshots[p][1] if p in snapshots else [] for p in missing})
+    previous = await ctx.store.last_of_type_many(conn, phones, "ReplyRequested")
+    events = [
+        _reply_requested(
+            ctx,
+            contacts[r.reply.phone],
+            bursts[r.reply.phone],
+            recent[r.reply.phone],
+            previous.get(r.reply.phone),
+            r.correlation_id,
+            r.causation_id,
+        )
+        for r in asking
+    ]
+    at = [versions[e.stream_id] + 1 for e in events]
+    # No savepoint: a conflict ends the round's transaction (each burst is then decided alone).
+    positions = await ctx.store.append_at_versions(conn, list(zip(events, at, strict=True)), savepoint=False)
+    stored = [StoredEvent(p, v, e) for e, v, p in zip(events, at, positions, strict=True)]
+    touched = {e.stream_id: contacts[e.stream_id] for e in events}
+    for s in stored:
+        await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule, touched)
+    await projector.save_contacts(conn, ctx.projection, touched)
+    return stored
+
+
 class ReplyScheduler:
-    """Emits due bursts; woken by the consumer after it saved one, else polls for other replicas'."""
+    """Emits due bursts; sleeps until the earliest is due (polling for other replicas'), woken by
+    the consumer when it saved one while none was waiting."""
 
     def __init__(
         self,
@@ -166,8 +272,9 @@ class ReplyScheduler:
         *,
         on_emitted: Callable[[], None] = lambda: None,
         poll_seconds: float = 0.25,
-        batch_size: int = 50,
+        batch_size: int = 200,
         concurrency: int = 4,
+        round_seconds: float = 0.02,
     ) -> None:
         self.pool = pool
         self.ctx = ctx
@@ -175,6 +282,7 @@ class ReplyScheduler:
         self.poll_seconds = poll_seconds
         self.batch_size = batch_size
         self.concurrency = concurrency
+        self.round_seconds = round_seconds
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -189,24 +297,48 @@ class ReplyScheduler:
         """Emit every burst due at ``now`` (up to ``batch_size``); returns how many ReplyRequested
         were appended.
 
-        One short transaction per burst, a few at a time. A single transaction over the whole
-        round held every claimed pending row (the consumer's next message of those contacts,
-        and with it its whole fetched batch, waited) and an open xid that kept every relay of
-        the database from publishing past it, for as long as the round took: seconds under load.
+        One short transaction of a few statements for the whole round: claim the due rows
+        (``SKIP LOCKED``: another replica's are left to it), decide, append, project and delete
+        them all at once. If that fails (a contact's stream moved meanwhile: a late inbound, a
+        lead event), each burst is decided again alone, in a transaction of its own.
         """
         now = now or utcnow()
-        async with self.pool.acquire() as conn:
-            # Outside a transaction: only a list of candidates; rows another replica is
-            # emitting right now are skipped. Each one is locked again and re-read below.
-            candidates = await store.claim_due(conn, now, self.batch_size)
+        rows: list[PendingRow] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await store.claim_due(conn, now, self.batch_size)  # lock order: pending rows first
+                if not rows:
+                    return 0
+                stored = await emit_many(conn, self.ctx, rows)
+                await store.delete_pending_many(conn, [r.reply.phone for r in rows])
+        except (ConcurrencyError, asyncpg.PostgresError) as exc:
+            if not rows:
+                raise
+            log.info("reply round of %d failed (%r); deciding each burst alone", len(rows), exc)
+            return await self._emit_each([r.reply.phone for r in rows], now)
+        by_phone = {r.reply.phone: r for r in rows}
+        for s in stored:
+            self._emitted(by_phone[s.event.stream_id])
+        if stored:
+            self.on_emitted()
+        return len(stored)
+
+    async def _emit_each(self, phones: Sequence[str], now: datetime) -> int:
         limit = asyncio.Semaphore(max(1, self.concurrency))
 
         async def one(phone: str) -> bool:
             async with limit:
                 return await self._emit_one(phone, now)
 
-        emitted = sum(await asyncio.gather(*(one(row.reply.phone) for row in candidates)))
-        return emitted
+        return sum(await asyncio.gather(*(one(phone) for phone in phones)))
+
+    @staticmethod
+    def _emitted(row: PendingRow) -> None:
+        EMIT_LAG.observe(max(0.0, (utcnow() - row.reply.due_at).total_seconds()))
+        log.info(
+            "reply requested",
+            extra={"phone": mask_phone(row.reply.phone), "messages": len(row.reply.inbound_ids)},
+        )
 
     async def _emit_one(self, phone: str, now: datetime) -> bool:
         """Emit the contact's burst if it is still due; True when a ReplyRequested was appended."""
@@ -223,27 +355,31 @@ class ReplyScheduler:
             return False  # the contact's stream moved (a late inbound): rolled back, next round
         if stored is None:
             return False
-        EMIT_LAG.observe(max(0.0, (utcnow() - row.reply.due_at).total_seconds()))
-        log.info(
-            "reply requested", extra={"phone": mask_phone(phone), "messages": len(row.reply.inbound_ids)}
-        )
+        self._emitted(row)
         self.on_emitted()  # per burst: the relay publishes each request as soon as it committed
         return True
 
     async def run(self) -> None:
         while not self._stopping.is_set():
             try:
-                await self.emit_due()
+                emitted = await self.emit_due()
                 waiting, due = await store.pending_summary(self.pool)
                 PENDING.set(waiting)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("reply scheduler paused: %r", exc)
-                due = None
+                emitted, due = 0, None
+            if emitted >= self.batch_size:
+                continue  # a backlog: the next round at once
             wait = self.poll_seconds
             if due is not None:
-                wait = max(0.0, min(wait, (due - utcnow()).total_seconds()))
+                # Rounds at least round_seconds apart while bursts keep coming due, so that one
+                # round's few statements take many of them, for a few ms of lag.
+                wait = min(wait, max(self.round_seconds, (due - utcnow()).total_seconds()))
+            # The consumer's wake-up says a burst was saved, due a quiet period from now: it
+            # matters only when none was waiting (a known due time is always the earlier one).
+            woken = self._wake if due is None else self._stopping
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                await asyncio.wait_for(woken.wait(), timeout=wait)
             self._wake.clear()

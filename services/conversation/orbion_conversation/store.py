@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from .domain import ContactState, ContactSummary, MessageItem, PendingReply
 
@@ -204,6 +205,14 @@ class Projection:
                 ORDER BY created_at DESC, position DESC LIMIT $2
             ) r ON true
             WHERE c.phone = $1"""
+        self._snapshots = f"""
+            SELECT c.phone, c.version, r.* FROM {c} c
+            LEFT JOIN LATERAL (
+                SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE phone = c.phone
+                ORDER BY created_at DESC, position DESC LIMIT $2
+            ) r ON true
+            WHERE c.phone = ANY($1::text[])"""
+        self._load_contacts = f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = ANY($1::text[])"
         self._by_keys = f"""
             SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE message_key = ANY($1::text[])
             ORDER BY created_at, position"""
@@ -324,6 +333,17 @@ class Projection:
         version: int = rows[0]["version"]
         return version, [message_item(r) for r in rows if r["message_key"] is not None]
 
+    async def history_snapshots(
+        self, conn: asyncpg.Connection, phones: Sequence[str], limit: int
+    ) -> dict[str, tuple[int, list[MessageItem]]]:
+        """:meth:`history_snapshot` of several contacts in one statement (unknown phones left out)."""
+        found: dict[str, tuple[int, list[MessageItem]]] = {}
+        for r in await conn.fetch(self._snapshots, list(phones), limit):
+            _, items = found.setdefault(r["phone"], (r["version"], []))
+            if r["message_key"] is not None:
+                items.append(message_item(r))
+        return found
+
     async def messages_by_keys(self, conn: asyncpg.Connection, keys: Sequence[str]) -> list[MessageItem]:
         """Oldest first."""
         return [message_item(r) for r in await conn.fetch(self._by_keys, list(keys))]
@@ -335,6 +355,12 @@ class Projection:
     ) -> ContactSummary | None:
         row = await conn.fetchrow(self._load_contact, phone)
         return contact_summary(row) if row else None
+
+    async def load_contacts(
+        self, conn: asyncpg.Connection, phones: Sequence[str]
+    ) -> dict[str, ContactSummary]:
+        """The known contacts among ``phones``, by phone."""
+        return {r["phone"]: contact_summary(r) for r in await conn.fetch(self._load_contacts, list(phones))}
 
     async def save_contact(self, conn: asyncpg.Connection, s: ContactSummary) -> None:
         await conn.execute(self._save_contact, *_contact_row(s))
@@ -383,24 +409,54 @@ async def load_pending(conn: asyncpg.Connection, phone: str) -> PendingRow | Non
     return _pending(row) if row else None
 
 
+async def lock_pending_many(conn: asyncpg.Connection, phones: Sequence[str]) -> dict[str, PendingRow]:
+    """:func:`load_pending` for several contacts; rows are locked in phone order, the order every
+    batch takes them in, so two batches never deadlock on them."""
+    rows = await conn.fetch(
+        f"""SELECT {_PENDING_COLUMNS} FROM pending_replies WHERE phone = ANY($1::text[])
+            ORDER BY phone FOR UPDATE""",
+        sorted(phones),
+    )
+    return {r["phone"]: _pending(r) for r in rows}
+
+
 async def save_pending(conn: asyncpg.Connection, pending: PendingRow) -> None:
-    r = pending.reply
+    await save_pending_many(conn, [pending])
+
+
+async def save_pending_many(conn: asyncpg.Connection, rows: Sequence[PendingRow]) -> None:
+    """Upsert contacts' waiting replies (each phone at most once)."""
+    if not rows:
+        return
+    # inbound_ids travel as JSON: unnest would flatten an array of arrays.
     await conn.execute(
         """INSERT INTO pending_replies (phone, inbound_ids, due_at, correlation_id, causation_id)
-           VALUES ($1, $2, $3, $4, $5)
+           SELECT r.phone, ARRAY(SELECT jsonb_array_elements_text(r.ids::jsonb)), r.due_at, r.corr, r.cause
+           FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
+                AS r(phone, ids, due_at, corr, cause)
+           ORDER BY r.phone
            ON CONFLICT (phone) DO UPDATE SET inbound_ids = excluded.inbound_ids, due_at = excluded.due_at,
                correlation_id = excluded.correlation_id, causation_id = excluded.causation_id""",
-        r.phone,
-        list(r.inbound_ids),
-        r.due_at,
-        pending.correlation_id,
-        pending.causation_id,
+        [p.reply.phone for p in rows],
+        [orjson.dumps(p.reply.inbound_ids).decode() for p in rows],
+        [p.reply.due_at for p in rows],
+        [p.correlation_id for p in rows],
+        [p.causation_id for p in rows],
     )
 
 
 async def delete_pending(conn: asyncpg.Connection, phone: str) -> bool:
-    status: str = await conn.execute("DELETE FROM pending_replies WHERE phone = $1", phone)
-    return status.endswith(" 1")
+    return await delete_pending_many(conn, [phone]) == 1
+
+
+async def delete_pending_many(conn: asyncpg.Connection, phones: Sequence[str]) -> int:
+    """Drop contacts' waiting replies; returns how many there were."""
+    if not phones:
+        return 0
+    status: str = await conn.execute(
+        "DELETE FROM pending_replies WHERE phone = ANY($1::text[])", list(phones)
+    )
+    return int(status.split()[-1])
 
 
 async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[PendingRow]:

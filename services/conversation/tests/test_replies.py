@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 import asyncpg
@@ -14,7 +15,7 @@ from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.replies import ReplyContext, ReplyScheduler
 from orbion_conversation.store import Projection
 
-from .builders import inbound, new_phone, opted_out, verification_passed, verification_requested
+from .builders import generated, inbound, new_phone, opted_out, verification_passed, verification_requested
 from .conftest import make_deps
 
 QUIET = 1.5
@@ -163,14 +164,24 @@ class _VerificationLandsMidDecision(Projection):
         super().__init__()
         self.consumer, self.phone, self.landed = consumer, phone, False
 
+    async def load_contacts(
+        self, conn: asyncpg.Connection, phones: Sequence[str]
+    ) -> dict[str, domain.ContactSummary]:
+        summaries = await super().load_contacts(conn, phones)
+        await self._land()
+        return summaries
+
     async def load_contact(
         self, conn: asyncpg.Connection | asyncpg.Pool, phone: str
     ) -> domain.ContactSummary | None:
         summary = await super().load_contact(conn, phone)
+        await self._land()
+        return summary
+
+    async def _land(self) -> None:
         if not self.landed:
             self.landed = True
             assert await record_event(self.consumer, verification_requested(self.phone)) == "projected"
-        return summary
 
 
 async def test_a_verification_committed_while_the_scheduler_decides_is_never_overtaken(
@@ -194,42 +205,56 @@ async def test_a_verification_committed_while_the_scheduler_decides_is_never_ove
     assert [s.event.type for s in stream] == ["MessageReceived", "HumanVerificationRequested"]
 
 
-class _SeesOtherRequests(Projection):
-    """The scheduler's projection: when it reads a contact, it notes which of the other contacts'
-    reply requests a separate connection (the relay's) can already see."""
-
-    def __init__(self, pool: asyncpg.Pool, store: EventStore, phones: list[str]) -> None:
-        super().__init__()
-        self.pool, self.store, self.phones = pool, store, phones
-        self.seen: dict[str, list[str]] = {}
-
-    async def load_contact(
-        self, conn: asyncpg.Connection | asyncpg.Pool, phone: str
-    ) -> domain.ContactSummary | None:
-        async with self.pool.acquire() as other:
-            self.seen[phone] = [
-                p
-                for p in self.phones
-                if any(s.event.type == "ReplyRequested" for s in await self.store.load_stream(other, p))
-            ]
-        return await super().load_contact(conn, phone)
-
-
-async def test_each_reply_request_is_committed_before_the_next_burst_is_decided(
+async def test_a_round_emits_every_due_burst_in_one_short_transaction(
     pool: asyncpg.Pool, schema: str, redis: Redis
 ) -> None:
-    """One transaction per burst: the relay can publish the first contact's request while the
-    scheduler is still deciding the others (it used to wait for the whole round to commit)."""
+    """Set-based: the round's requests commit together (one transaction id), each contact's own
+    ReplyRequested at its next version, naming its previous request, and the rows are gone."""
+    deps, scheduler = quiet_deps(pool, schema, redis)
+    phones = [new_phone() for _ in range(5)]
+    for i, phone in enumerate(phones):
+        await record_event(deps, inbound(phone, f"wamid.R{i}", "Oi", seconds=i))
+    assert await scheduler.emit_due(utcnow() + LATER) == 5
+    await record_event(deps, inbound(phones[0], "wamid.R0b", "E o preço?", seconds=9))
+    assert await scheduler.emit_due(utcnow() + LATER) == 1
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT stream_id, version, tx_id::text AS tx FROM events WHERE type = 'ReplyRequested' "
+            "ORDER BY position"
+        )
+        assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 0
+    assert len({r["tx"] for r in rows[:5]}) == 1
+    assert sorted(r["stream_id"] for r in rows[:5]) == sorted(phones)
+    assert all(r["version"] == 2 for r in rows[:5])
+    first, second = await reply_requests(deps, phones[0])
+    assert second.payload.previous_reply_key == first.payload.reply_key
+    assert second.payload.history[-1].text == "Oi"
+
+
+async def test_a_round_where_one_stream_moved_still_emits_the_others(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """One contact's stream moves while the round decides: its append conflicts, the round rolls
+    back and is redone burst by burst, and every burst is still emitted, once."""
     deps, _ = quiet_deps(pool, schema, redis)
     phones = [new_phone() for _ in range(3)]
     for i, phone in enumerate(phones):
-        await record_event(deps, inbound(phone, f"wamid.C{i}", "Oi", seconds=i))
+        await record_event(deps, inbound(phone, f"wamid.M{i}", "Oi", seconds=i))
     ctx = deps.ctx
-    watching = _SeesOtherRequests(pool, EventStore(schema), phones)
-    scheduler = ReplyScheduler(
-        pool, ReplyContext(ctx.store, watching, ctx.history, ctx.quiet_seconds), concurrency=1
-    )
+
+    class _LateStatus(Projection):
+        landed = False
+
+        async def load_contacts(
+            self, conn: asyncpg.Connection, phones_: Sequence[str]
+        ) -> dict[str, domain.ContactSummary]:
+            summaries = await super().load_contacts(conn, phones_)
+            if not self.landed:  # another replica appends to the first contact's stream meanwhile
+                self.landed = True
+                await record_event(deps, generated(phones[0], "reply.x", "Olá", seconds=3))
+            return summaries
+
+    scheduler = ReplyScheduler(pool, ReplyContext(ctx.store, _LateStatus(), ctx.history, ctx.quiet_seconds))
     assert await scheduler.emit_due(utcnow() + LATER) == 3
-    assert watching.seen == {phones[0]: [], phones[1]: phones[:1], phones[2]: phones[:2]}
     for phone in phones:
         assert len(await reply_requests(deps, phone)) == 1

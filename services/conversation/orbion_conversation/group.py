@@ -1,0 +1,218 @@
+"""Group commit of the consumer: the events of one fetched bus batch in one transaction.
+
+The bus runs a batch's events concurrently, one contact's one after the other. Each handler
+call hands its event to :class:`GroupCommit` and waits; the events gathered meanwhile (oldest
+first, at most one per contact, so a contact's order holds) are recorded in ONE transaction
+of a few set-based statements, whatever their number, instead of ~8 round trips each: claim
+them all, lock the pending rows of every inbound's contact (phone order: two groups never
+deadlock), read every stream version, append them all at the next versions, project them with
+``BatchProjection`` (the rebuild's in-memory projector, tested to match the live SQL), decide
+the replies, upsert and delete the pending rows, read every history snapshot. After the
+commit: the cache writes in one pipeline, then each call returns, so the bus acks each event
+only after the commit. A crash at any line before the commit leaves nothing (every event is
+redelivered); after it, the redeliveries are claimed already and change nothing.
+
+A group of one, or a group that failed (another replica appended to one of its streams, a
+bad event, a Postgres error), goes through the one-event path (``consumers.record_event``),
+each event alone: one bad event only fails itself, and the bus naks it.
+
+Each event keeps its trace: its append stores the trace context of its own handler call, and
+the work done for it alone (a quiet-period-0 ReplyRequested, the one-event path) runs in that
+call's context. The group's shared statements are traced under the call that opened the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Histogram
+
+from orbion_common.bus import Delivery
+from orbion_common.events import Event, MessageReceived, utcnow
+from orbion_common.eventstore import StoredEvent, trace_context
+
+from . import consumers, projector, replies, store
+from .batch import BatchProjection
+from .consumers import CONSUMED_TYPES, Deps
+from .domain import ContactSummary, MessageItem
+from .replies import InboundDecision
+
+log = logging.getLogger(__name__)
+
+GROUP_SIZE = Histogram(
+    "orbion_conversation_commit_group_size",
+    "Events recorded per transaction by the consumer (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+GROUP_RETRIES = Counter(
+    "orbion_conversation_group_retries_total", "Groups recorded again event by event after a failure"
+)
+
+
+@dataclass(eq=False)
+class _Work:
+    event: Event
+    done: asyncio.Future[str] = field(repr=False)
+    # The handler call's context (its consumer span): the event's own trace.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
+
+
+@dataclass
+class _Recorded:
+    outcomes: dict[int, str]  # by id(work)
+    decisions: dict[int, InboundDecision]  # of the inbound messages, by id(work)
+    snapshots: dict[str, tuple[int, list[MessageItem]]]
+
+
+class GroupCommit:
+    def __init__(self, deps: Deps, *, max_group: int = 256) -> None:
+        self.deps = deps
+        self.max_group = max_group
+        self._pending: list[_Work] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def handle(self, event: Event, delivery: Delivery) -> None:
+        """The bus handler: returns after the event's transaction committed."""
+        await self.record(event)
+
+    async def record(self, event: Event) -> str:
+        """Record ``event`` with the others arriving meanwhile; returns its outcome (as
+        ``consumers.record_event``). Raises to get the event redelivered."""
+        if event.type not in CONSUMED_TYPES:
+            return "ignored"  # a server older than NATS 2.10 delivers every type
+        work = _Work(event, asyncio.get_running_loop().create_future())
+        self._pending.append(work)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="conversation-group-commit")
+        return await work.done
+
+    async def _flush(self) -> None:
+        # The other handlers of the same bus batch start in this loop turn: let them join.
+        await asyncio.sleep(0)
+        while self._pending:
+            group = self._take()
+            try:
+                await self._run(group)
+            except BaseException as exc:  # a bug (or a cancel) must not leave callers waiting for ever
+                log.exception("conversation group commit failed on %d events", len(group))
+                for work in group:
+                    if not work.done.done():
+                        # An error, not the cancel itself: the bus naks the event and goes on.
+                        work.done.set_exception(RuntimeError(f"group commit interrupted: {exc!r}"))
+                if not isinstance(exc, Exception):
+                    raise
+
+    def _take(self) -> list[_Work]:
+        """Oldest first, one event per contact (its next one waits for the next group)."""
+        group: list[_Work] = []
+        rest: list[_Work] = []
+        phones: set[str] = set()
+        for work in self._pending:
+            if work.event.stream_id in phones or len(group) >= self.max_group:
+                rest.append(work)
+            else:
+                phones.add(work.event.stream_id)
+                group.append(work)
+        self._pending = rest
+        return group
+
+    async def _run(self, group: list[_Work]) -> None:
+        GROUP_SIZE.observe(len(group))
+        if len(group) == 1:
+            await self._each_alone(group)
+            return
+        try:
+            recorded = await self._transact(group)
+        except Exception as exc:
+            GROUP_RETRIES.inc()
+            log.info("conversation group of %d failed (%r); recording each event alone", len(group), exc)
+            await self._each_alone(group)
+            return
+        for decision in recorded.decisions.values():
+            if decision.metric is not None:
+                replies.DECISIONS.labels(decision.metric).inc()
+        # After the commit. A crash here means redeliveries, claimed already: "duplicate", and
+        # they write the cache again (a stale version never replaces a newer one).
+        await self.deps.ctx.history.write_through_many(recorded.snapshots)
+        outcomes = set(recorded.outcomes.values())
+        if "requested" in outcomes:
+            self.deps.wake_relay()
+        if "scheduled" in outcomes:
+            self.deps.wake_scheduler()
+        for work in group:
+            if not work.done.done():  # its caller may have been cancelled meanwhile (shutdown)
+                work.done.set_result(recorded.outcomes[id(work)])
+
+    async def _each_alone(self, group: list[_Work]) -> None:
+        async def alone(work: _Work) -> None:
+            try:
+                outcome = await consumers.record_event(self.deps, work.event)
+            except Exception as exc:
+                if not work.done.done():
+                    work.done.set_exception(exc)
+            else:
+                if not work.done.done():
+                    work.done.set_result(outcome)
+
+        await asyncio.gather(*(asyncio.create_task(alone(w), context=w.context) for w in group))
+
+    async def _transact(self, group: list[_Work]) -> _Recorded:
+        deps, ctx = self.deps, self.deps.ctx
+        outcomes = {id(w): "duplicate" for w in group}
+        decisions: dict[int, InboundDecision] = {}
+        async with deps.pool.acquire() as conn, conn.transaction():
+            claimed = await ctx.store.claim_many(conn, deps.consumer_name, [w.event.event_id for w in group])
+            fresh = [w for w in group if w.event.event_id in claimed]
+            if fresh:
+                # Lock order (replies.py): the pending rows first, then the streams.
+                inbound = [w.event.stream_id for w in fresh if isinstance(w.event, MessageReceived)]
+                pending = await store.lock_pending_many(conn, inbound) if inbound else {}
+                versions = await ctx.store.stream_versions(conn, [w.event.stream_id for w in fresh])
+                # Already in our log: a provider retry under a new claim.
+                known = await ctx.store.stored_ids(conn, [w.event.event_id for w in fresh])
+                # By stream: the order the scheduler appends in too, so their row locks never deadlock.
+                new = sorted(
+                    (w for w in fresh if w.event.event_id not in known), key=lambda w: w.event.stream_id
+                )
+                at = [versions[w.event.stream_id] + 1 for w in new]
+                # At the versions read above: a replica that appended to one of the streams
+                # meanwhile makes this raise ConcurrencyError, and the group is redone event by event.
+                positions = await ctx.store.append_at_versions(
+                    conn,
+                    [(w.event, v) for w, v in zip(new, at, strict=True)],
+                    [w.context.run(trace_context) for w in new],
+                    savepoint=False,  # a conflict ends this transaction: the events are redone alone
+                )
+                projection = BatchProjection(ctx.projection.suffix)
+                stored = [StoredEvent(p, v, w.event) for w, v, p in zip(new, at, positions, strict=True)]
+                await projection.load(conn, stored)
+                contacts: dict[str, ContactSummary] = {}
+                now = utcnow()
+                for work, s in zip(new, stored, strict=True):
+                    applied = await projector.apply(conn, projection, s, ctx.opt_in_rule, contacts)
+                    outcomes[id(work)] = "projected"
+                    if isinstance(work.event, MessageReceived):
+                        decision = replies.decide_inbound(
+                            ctx, work.event, applied, pending.get(work.event.stream_id), now
+                        )
+                        decisions[id(work)] = decision
+                        outcomes[id(work)] = decision.outcome
+                await projection.flush(conn, contacts)
+                await store.delete_pending_many(
+                    conn, [w.event.stream_id for w in new if id(w) in decisions and decisions[id(w)].delete]
+                )
+                await store.save_pending_many(
+                    conn, [d.save for d in decisions.values() if d.save is not None]
+                )
+                for work in new:  # quiet period 0: the request in this transaction, in the event's trace
+                    ids = decisions[id(work)].ask if id(work) in decisions else ()
+                    if ids:
+                        assert isinstance(work.event, MessageReceived)
+                        ask = replies.ask(conn, ctx, work.event, ids)
+                        outcomes[id(work)] = await asyncio.create_task(ask, context=work.context)
+            phones = [w.event.stream_id for w in group]
+            snapshots = await ctx.projection.history_snapshots(conn, phones, ctx.history.size)
+        return _Recorded(outcomes, decisions, snapshots)

@@ -1,0 +1,178 @@
+"""Group commit: a bus batch's events in one transaction, with the one-event path's effects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import asyncpg
+import orjson
+import pytest
+from opentelemetry import context, trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from redis.asyncio import Redis
+
+from orbion_common.events import Event
+from orbion_common.eventstore import StoredEvent
+from orbion_conversation import projector
+from orbion_conversation.consumers import Deps, record_event
+from orbion_conversation.group import GroupCommit
+from orbion_conversation.store import Projection
+
+from .builders import generated, inbound, new_phone, sent
+from .conftest import make_deps
+
+
+async def like_the_bus(group: GroupCommit, lanes: Sequence[Sequence[Event]]) -> list[list[str]]:
+    """Each contact's events one after the other, the contacts concurrently (as the bus runs a batch)."""
+
+    async def lane(events: Sequence[Event]) -> list[str]:
+        return [await group.record(e) for e in events]
+
+    return list(await asyncio.gather(*(lane(events) for events in lanes)))
+
+
+def conversation(phone: str, n: int) -> list[Event]:
+    key = f"reply.{phone}"
+    return [
+        inbound(phone, f"wamid.{phone}.1", "Oi", seconds=0),
+        inbound(phone, f"wamid.{phone}.2", "Quanto custa?", seconds=1),
+        generated(phone, key, "Olá!", seconds=2),
+        sent(phone, key, f"wamid.{phone}.out", "Olá!", seconds=3),
+    ][:n]
+
+
+async def streams(deps: Deps, phones: Sequence[str]) -> dict[str, list[StoredEvent]]:
+    async with deps.pool.acquire() as conn:
+        return {p: await deps.ctx.store.load_stream(conn, p) for p in phones}
+
+
+async def test_a_group_of_several_contacts_keeps_each_contacts_order_in_few_transactions(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    deps = make_deps(pool, schema, redis, quiet=1.5)
+    phones = [new_phone() for _ in range(6)]
+    lanes = [conversation(p, 2 + i % 3) for i, p in enumerate(phones)]
+    outcomes = await like_the_bus(GroupCommit(deps), lanes)
+    assert outcomes[0] == ["scheduled", "scheduled"]
+    assert outcomes[2] == ["scheduled", "scheduled", "projected", "projected"]
+    stored = await streams(deps, phones)
+    for phone, events in zip(phones, lanes, strict=True):
+        assert [s.event.event_id for s in stored[phone]] == [e.event_id for e in events]
+        assert [s.version for s in stored[phone]] == list(range(1, len(events) + 1))
+    async with pool.acquire() as conn:
+        transactions = await conn.fetchval("SELECT count(DISTINCT tx_id) FROM events")
+        pending = await conn.fetch("SELECT phone, inbound_ids FROM pending_replies")
+    assert transactions == 4  # one per round of the lanes, not one per event
+    assert {r["phone"]: list(r["inbound_ids"]) for r in pending} == {
+        p: [f"wamid.{p}.1", f"wamid.{p}.2"] for p in phones
+    }
+    page = await deps.ctx.history.page(phones[2], 20, None)  # the cache, written after the commit
+    assert page is not None and [m.text for m in reversed(page)] == ["Oi", "Quanto custa?", "Olá!"]
+    assert page[0].status == "sent"
+
+
+async def test_a_group_leaves_what_the_one_event_path_leaves(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    grouped = make_deps(pool, schema, redis, quiet=0)
+    alone = make_deps(pool, schema, redis, quiet=0)
+    alone.consumer_name = "alone"
+    phones = [new_phone() for _ in range(4)]
+    others = [new_phone() for _ in range(4)]
+    await like_the_bus(GroupCommit(grouped), [conversation(p, 4) for p in phones])
+    for p in others:
+        for e in conversation(p, 4):
+            await record_event(alone, e)
+
+    def shape(stream: list[StoredEvent], phone: str) -> list[tuple[str, int]]:
+        return [(s.event.type, s.version) for s in stream]
+
+    a, b = await streams(grouped, phones), await streams(alone, others)
+    assert [shape(a[p], p) for p in phones] == [shape(b[p], p) for p in others]
+    for p, q in zip(phones, others, strict=True):
+        ours, theirs = await grouped.ctx.history.page(p, 20, None), await alone.ctx.history.page(q, 20, None)
+        assert ours is not None and theirs is not None
+        assert [(m.direction, m.text, m.status) for m in ours] == [
+            (m.direction, m.text, m.status) for m in theirs
+        ]
+        mine = await grouped.ctx.projection.load_contact(pool, p)
+        other = await alone.ctx.projection.load_contact(pool, q)
+        assert mine is not None and other is not None
+        assert (mine.message_count, mine.version, mine.state) == (
+            other.message_count,
+            other.version,
+            other.state,
+        )
+
+
+async def test_one_bad_event_fails_alone_and_the_others_of_its_group_commit(
+    pool: asyncpg.Pool, schema: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deps = make_deps(pool, schema, redis, quiet=1.5)
+    phones = [new_phone() for _ in range(4)]
+    events = [inbound(p, f"wamid.{p}.bad", "Oi") for p in phones]
+    bad = events[1]
+    real_apply = projector.apply
+
+    async def apply(conn: asyncpg.Connection, proj: Projection, stored: StoredEvent, *args: object) -> object:
+        if stored.event.event_id == bad.event_id:
+            raise ValueError("a bug on this event")
+        return await real_apply(conn, proj, stored, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(projector, "apply", apply)
+    group = GroupCommit(deps)
+    results = await asyncio.gather(*(group.record(e) for e in events), return_exceptions=True)
+    assert isinstance(results[1], ValueError)  # the bus naks it
+    assert [r for i, r in enumerate(results) if i != 1] == ["scheduled"] * 3
+    stored = await streams(deps, phones)
+    assert [len(stored[p]) for p in phones] == [1, 0, 1, 1]
+    async with pool.acquire() as conn:  # its claim rolled back: the redelivery does it all
+        assert await conn.fetchval("SELECT count(*) FROM processed WHERE event_id = $1", bad.event_id) == 0
+    monkeypatch.setattr(projector, "apply", real_apply)
+    assert await group.record(bad) == "scheduled"
+
+
+async def test_a_redelivered_group_changes_nothing(pool: asyncpg.Pool, schema: str, redis: Redis) -> None:
+    deps = make_deps(pool, schema, redis, quiet=1.5)
+    phones = [new_phone() for _ in range(5)]
+    lanes = [conversation(p, 4) for p in phones]
+    await like_the_bus(GroupCommit(deps), lanes)
+    before = await streams(deps, phones)
+    again = await like_the_bus(GroupCommit(deps), lanes)  # a crash after the commit, before the acks
+    assert again == [["duplicate"] * 4] * 5
+    after = await streams(deps, phones)
+    assert {p: [s.position for s in after[p]] for p in phones} == {
+        p: [s.position for s in before[p]] for p in phones
+    }
+
+
+async def test_each_event_of_a_group_keeps_its_own_trace(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    deps = make_deps(pool, schema, redis, quiet=0)
+    phones = [new_phone() for _ in range(3)]
+    group = GroupCommit(deps)
+
+    async def traced(i: int, event: Event) -> str:
+        span = NonRecordingSpan(SpanContext(0x1000 + i, 0x2000 + i, False, TraceFlags(TraceFlags.SAMPLED)))
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            return await group.record(event)
+        finally:
+            context.detach(token)
+
+    outcomes = await asyncio.gather(
+        *(traced(i, inbound(p, f"wamid.{p}.t", "Oi")) for i, p in enumerate(phones))
+    )
+    assert outcomes == ["requested"] * 3
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT stream_id, type, trace_context::text AS t FROM events")
+    for i, phone in enumerate(phones):
+        traces = {
+            r["type"]: orjson.loads(r["t"])["traceparent"].split("-")[1]
+            for r in rows
+            if r["stream_id"] == phone
+        }
+        # The inbound and the ReplyRequested it asked for, both in the inbound's own trace.
+        assert traces == {"MessageReceived": f"{0x1000 + i:032x}", "ReplyRequested": f"{0x1000 + i:032x}"}
