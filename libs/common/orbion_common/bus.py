@@ -173,6 +173,34 @@ def _producer_span(event: Envelope, context: otel_context.Context | None) -> Spa
     )
 
 
+@functools.cache
+def _handled(consumer: str, outcome: str) -> Any:
+    return HANDLED.labels(consumer, outcome)
+
+
+@functools.cache
+def _handler_seconds(consumer: str) -> Any:
+    return HANDLER_SECONDS.labels(consumer)
+
+
+def _consumer_span(spec: ConsumerSpec, event: Event, parent: otel_context.Context) -> Span | None:
+    """The CONSUMER span of a delivery, or None when the publisher's trace is not sampled
+    (the parent-based sampler would only make a non-recording span there; see _producer_span)."""
+    parent_span = trace.get_current_span(parent).get_span_context()
+    if parent_span.is_valid and not parent_span.trace_flags.sampled:
+        return None
+    return tracer.start_span(
+        f"process {event.type}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.consumer": spec.durable,
+            "orbion.event_type": event.type,
+            "orbion.correlation_id": event.correlation_id,
+        },
+    )
+
+
 @dataclass(frozen=True)
 class ConsumerSpec:
     """A durable pull consumer and its delivery policy."""
@@ -469,32 +497,27 @@ class Bus:
             if not await self._handle_one(spec, handler, event, msg):
                 for _, later in items[index + 1 :]:
                     await later.nak(delay=spec.nak_delay(1))
-                    HANDLED.labels(spec.durable, "nak").inc()
+                    _handled(spec.durable, "nak").inc()
                 return
 
     async def _handle_one(self, spec: ConsumerSpec, handler: Handler, event: Event, msg: Msg) -> bool:
         headers = dict(msg.headers or {})
         num_delivered = msg.metadata.num_delivered
         delivery = Delivery(num_delivered=num_delivered, subject=msg.subject, headers=headers, _msg=msg)
-        with (
-            tracer.start_as_current_span(
-                f"process {event.type}",
-                context=propagate.extract(headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.consumer": spec.durable,
-                    "orbion.event_type": event.type,
-                    "orbion.correlation_id": event.correlation_id,
-                },
-            ) as span,
-            HANDLER_SECONDS.labels(spec.durable).time(),
-        ):
+        parent = propagate.extract(headers)
+        span = _consumer_span(spec, event, parent)
+        # The handler runs in the message's trace: in its CONSUMER span, or, when the trace is
+        # not sampled, directly in the publisher's context (ids for logs and later publishes).
+        token = otel_context.attach(trace.set_span_in_context(span, parent) if span else parent)
+        started = time.perf_counter()
+        try:
             try:
                 await handler(event, delivery)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                span.record_exception(exc)
+                if span is not None:
+                    span.record_exception(exc)
                 if num_delivered >= spec.max_deliver and not is_outage(exc):
                     log.error(
                         "consumer %s gives up on %s %s after %d deliveries: %r",
@@ -515,17 +538,22 @@ class Bus:
                         exc,
                     )
                     await msg.nak(delay=spec.nak_delay(num_delivered))
-                    HANDLED.labels(spec.durable, "nak").inc()
+                    _handled(spec.durable, "nak").inc()
                 return False
+        finally:
+            _handler_seconds(spec.durable).observe(time.perf_counter() - started)
+            otel_context.detach(token)
+            if span is not None:
+                span.end()
         await msg.ack()
-        HANDLED.labels(spec.durable, "ack").inc()
+        _handled(spec.durable, "ack").inc()
         return True
 
     async def _dead_letter(self, spec: ConsumerSpec, msg: Msg, error: str) -> None:
         # Publish before term: if the publish fails, the message is redelivered, not lost.
         await self.publish_dead_letter(spec.durable, msg.data, error, Subject=msg.subject)
         await msg.term()
-        HANDLED.labels(spec.durable, "dead").inc()
+        _handled(spec.durable, "dead").inc()
 
     # -- lifecycle --------------------------------------------------------------------------
 

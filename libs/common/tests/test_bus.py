@@ -266,3 +266,48 @@ async def test_an_outage_longer_than_max_deliver_does_not_dead_letter_the_messag
     await wait_for(lambda: len(attempts) == 7, within=10)
     await asyncio.sleep(0.2)
     assert await stream_count(bus, f"{bus.settings.stream_name}_DLQ") == 0
+
+
+@pytest.fixture(scope="module")
+def spans():
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from orbion_common import telemetry
+
+    telemetry.setup_telemetry("test", CommonSettings())  # every trace sampled (the root conftest sets it)
+    exporter = InMemorySpanExporter()
+    telemetry.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+async def test_a_handler_runs_in_the_publishers_trace_with_a_consumer_span_only_when_sampled(
+    bus, unique, spans, sampled
+):
+    from opentelemetry import trace
+
+    trace_id, parent_span_id = 0x1234 + sampled, 0x99
+    flags = "01" if sampled else "00"
+    seen: list[tuple[int, int, bool]] = []
+
+    async def handler(event, delivery):
+        current = trace.get_current_span().get_span_context()
+        seen.append((current.trace_id, current.span_id, current.trace_flags.sampled))
+
+    await bus.publish(
+        inbound("5511", 1), parent={"traceparent": f"00-{trace_id:032x}-{parent_span_id:016x}-{flags}"}
+    )
+    spans.clear()
+    bus.consume(ConsumerSpec(durable=f"c{unique}", event_types=("MessageReceived",)), handler)
+    await wait_for(lambda: seen)
+    [(current_trace, current_span, current_sampled)] = seen
+    assert current_trace == trace_id and current_sampled is sampled
+    consumer_spans = [s for s in spans.get_finished_spans() if s.name == "process MessageReceived"]
+    if sampled:
+        [span] = consumer_spans
+        assert span.context.trace_id == trace_id and span.context.span_id == current_span
+    else:
+        # No span of its own: the handler continues the publisher's context as it came.
+        assert consumer_spans == [] and current_span == parent_span_id
