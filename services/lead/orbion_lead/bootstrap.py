@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 
 from orbion_common.bus import Bus, ConsumerSpec
 from orbion_common.db import create_pool
+from orbion_common.events import EVENT_TYPES
+from orbion_common.events import lead as lead_events
 from orbion_common.logging import configure_logging
 from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.ratelimit import RateLimiter
@@ -31,6 +33,14 @@ from .settings import Settings
 from .store import MIGRATIONS, SCHEMA, LeadStore
 
 log = logging.getLogger(__name__)
+
+# What the relay publishes: every lead event but the per-message bookkeeping. One
+# ``LeadActivityRecorded`` per message in or out is most of what the lead appends, and no other
+# service consumes it (docs/events.md): it stays in the store (the lead's counts and bot score
+# are folded from it; the audit trail lists it) and is not put on the bus.
+PUBLISHED_TYPES = frozenset(cls.__name__ for cls in EVENT_TYPES if cls.__module__ == lead_events.__name__) - {
+    lead_events.LeadActivityRecorded.__name__
+}
 
 
 async def migrate(settings: Settings, *, schema: str = SCHEMA) -> list[str]:
@@ -130,7 +140,11 @@ async def build(
         log.warning("ORBION_REDIS_URL not set: lead cache and API rate limits are off")
     store = LeadStore(schema)
     bus = await Bus.connect(settings, name=SERVICE) if with_bus else None
-    relay = Relay(pool, store.events, bus, name="lead-relay") if bus is not None else None
+    relay = (
+        Relay(pool, store.events, bus, name="lead-relay", publish_types=PUBLISHED_TYPES)
+        if bus is not None
+        else None
+    )
     cache = lead_cache(
         redis, prefix=cache_prefix or settings.lead_cache_prefix, ttl_seconds=settings.lead_cache_ttl_seconds
     )

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 
@@ -22,6 +23,15 @@ from .domain import Lead, evolve
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA = "lead"
+
+
+class Change(NamedTuple):
+    """One input's effect, as the recorder hands it over to be stored."""
+
+    lead: Lead  # after the events
+    state: bytes  # its JSON
+    events: Sequence[Envelope]
+    trace: str | None  # the input's trace context (``eventstore.trace_context``), stored with its events
 
 
 @dataclass(frozen=True)
@@ -180,20 +190,21 @@ class LeadStore:
             for r in rows
         }
 
-    async def append_and_project(
-        self, conn: asyncpg.Connection, changes: Sequence[tuple[Lead, bytes, Sequence[Envelope]]]
-    ) -> None:
-        """Append each lead's new events after its previous version and upsert the lead, in one statement.
+    async def append_and_project(self, conn: asyncpg.Connection, changes: Sequence[Change]) -> None:
+        """Append each lead's new events after its previous version, then upsert the leads.
 
-        ``changes`` holds (lead after the events, its JSON, the events). Raises
-        ``ConcurrencyError`` when another writer appended to one of the streams meanwhile.
+        Raises ``ConcurrencyError`` when another writer appended to one of the streams
+        meanwhile; the caller's transaction is then unusable (no savepoint: two round trips
+        fewer), and every caller abandons it and decides again in a new one.
         """
-        events = [(e, lead.version - len(evs) + i + 1) for lead, _, evs in changes for i, e in enumerate(evs)]
-        leads = [(lead, state) for lead, state, evs in changes if evs]
+        events = [
+            (e, c.lead.version - len(c.events) + i + 1) for c in changes for i, e in enumerate(c.events)
+        ]
         if not events:
             return
-        await self.events.append_at_versions(conn, events)
-        await self._write(conn, leads)
+        traces = [c.trace for c in changes for _ in c.events]
+        await self.events.append_at_versions(conn, events, traces, savepoint=False)
+        await self._write(conn, [(c.lead, c.state) for c in changes if c.events])
 
     async def save_leads(self, conn: asyncpg.Connection, leads: Sequence[Lead]) -> None:
         """Upsert projection rows (an older version never overwrites a newer one)."""

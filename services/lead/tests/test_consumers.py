@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from lead_builders import at, inbound, new_phone, reply, sent
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from redis.asyncio import Redis
 
 from orbion_common.events import EVENTS_BY_NAME, Envelope
@@ -237,3 +239,66 @@ async def test_rebuild_refolds_the_projection_and_empties_the_cache(service: Ser
     assert leads == 1 and dropped >= 1
     assert await service.recorder.cache.peek(phone) is None
     assert await service.recorder.get(phone) == live
+
+
+def _in_trace(trace_id: int) -> otel_context.Context:
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(trace_id, 1, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+    )
+    return trace.set_span_in_context(span)
+
+
+async def _stored(service: Service, schema: str, phones: list[str], column: str) -> dict[str, set[str]]:
+    """``column`` of each phone's stored events, as text."""
+    async with service.pool.acquire() as conn:
+        rows = await conn.fetch(
+            f'SELECT stream_id, {column}::text AS v FROM "{schema}".events WHERE stream_id = ANY($1)', phones
+        )
+    found: dict[str, set[str]] = {p: set() for p in phones}
+    for row in rows:
+        found[row["stream_id"]].add(row["v"])
+    return found
+
+
+async def test_each_input_of_a_group_stores_its_events_in_its_own_trace(
+    service: Service, schema: str
+) -> None:
+    phones = [new_phone() for _ in range(2)]
+
+    async def record_in_trace(phone: str, trace_id: int) -> None:
+        message = inbound(phone, "Oi")
+        token = otel_context.attach(_in_trace(trace_id))
+        try:
+            await service.recorder.record(phone, lambda lead: domain.on_message_received(lead, message))
+        finally:
+            otel_context.detach(token)
+
+    await asyncio.gather(record_in_trace(phones[0], 0xA1), record_in_trace(phones[1], 0xB2))
+    tx_ids = await _stored(service, schema, phones, "tx_id")
+    assert tx_ids[phones[0]] == tx_ids[phones[1]]  # one group, one transaction
+    traces = await _stored(service, schema, phones, "trace_context")
+    assert [len(t) for t in traces.values()] == [1, 1]
+    assert f"{0xA1:032x}" in traces[phones[0]].pop() and f"{0xB2:032x}" in traces[phones[1]].pop()
+
+
+async def test_a_busy_recorder_commits_at_most_once_per_interval_and_an_idle_one_at_once(
+    service: Service, schema: str
+) -> None:
+    recorder = LeadRecorder(service.pool, service.store, commit_interval=1.0)
+    phones = [new_phone() for _ in range(3)]
+
+    def first_message(phone: str) -> Callable[[domain.Lead], list[Envelope]]:
+        return lambda lead: domain.on_message_received(lead, inbound(phone, "Oi"))
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await recorder.record(phones[0], first_message(phones[0]))
+    assert loop.time() - started < 0.8  # idle: nothing to wait for
+    second = asyncio.create_task(recorder.record(phones[1], first_message(phones[1])))
+    await asyncio.sleep(0.1)
+    await recorder.record(phones[2], first_message(phones[2]))
+    await second
+    assert loop.time() - started >= 0.9  # the second waited for the interval, and the third joined it
+    await recorder.close()
+    tx_ids = await _stored(service, schema, phones, "tx_id")
+    assert tx_ids[phones[1]] == tx_ids[phones[2]] != tx_ids[phones[0]]

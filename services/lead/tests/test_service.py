@@ -181,3 +181,23 @@ def _auto_reply(phone: str) -> MessageReceived:
     return inbound(
         phone, "Olá! Esta é uma mensagem automática. Digite 1 para falar com vendas.", when=datetime.now(UTC)
     )
+
+
+async def test_the_relay_publishes_lead_facts_but_keeps_per_message_activity_in_the_store(
+    running: tuple[Service, Bus], nats_test_url: str
+) -> None:
+    svc, bus = running
+    phone = new_phone()
+    nc, created = await subscribe(nats_test_url, "LeadCreated", phone)
+    activity_nc, activity = await subscribe(nats_test_url, "LeadActivityRecorded", phone)
+    try:
+        await bus.publish(inbound(phone, "Oi"))
+        await eventually(lambda: len(created) == 1)
+        await asyncio.sleep(0.3)  # published together with LeadCreated, had it been published
+        assert activity == []
+        async with svc.pool.acquire() as conn:
+            stored = [s.event.type for s in await svc.store.load_events(conn, phone)]
+        assert "LeadActivityRecorded" in stored
+    finally:
+        await nc.close()
+        await activity_nc.close()
