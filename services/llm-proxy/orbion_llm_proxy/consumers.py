@@ -11,13 +11,18 @@ Delivery policy (stated here, not left to defaults): durable pull consumers, ack
 nak with growing delays (0.5 s, 2 s, 10 s, 30 s), dead-lettered after ``max_deliver`` tries.
 Replies get a long ack wait because an OpenAI call (with our retries) may take a while; the
 handler also heartbeats (``in_progress``) between retries.
+
+Group commit (groupcommit.py): the handlers of one bus batch run concurrently; their "already
+stored?" checks are one query, and their reply rows and ``ReplyGenerated`` events are written
+together, one transaction of three statements for the whole batch (rows, stream versions,
+events). Each handler returns, and the bus acks, only after its batch committed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -32,12 +37,13 @@ from orbion_common.events import (
     stable_event_id,
 )
 from orbion_common.events.messaging import ReplyGeneratedPayload
-from orbion_common.eventstore import EventStore
+from orbion_common.eventstore import EventStore, trace_context
 from orbion_common.logging import mask_phone
 from orbion_common.telemetry import inject_context
 
 from . import store
 from .domain import split_text
+from .groupcommit import GroupCommit
 from .openai_client import Responder
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,16 @@ def consumer_specs(
     }
 
 
+@dataclass(frozen=True)
+class _Store:
+    """A reply row to store, with its ``ReplyGenerated`` (None: a verification question) and the
+    trace context the event is appended in (the handler's, captured before the batch)."""
+
+    reply: store.NewReply
+    event: ReplyGenerated | None = None
+    trace: str | None = None
+
+
 @dataclass
 class Handlers:
     pool: asyncpg.Pool
@@ -68,14 +84,19 @@ class Handlers:
     responder: Responder
     on_reply_stored: Callable[[], None] = lambda: None  # wake the sender and the relay
     on_export_queued: Callable[[], None] = lambda: None
+    _lookups: GroupCommit[str, bool] = field(init=False, repr=False)
+    _writes: GroupCommit[_Store, bool] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._lookups = GroupCommit(self.pool, self._stored, name="reply-lookups", transaction=False)
+        self._writes = GroupCommit(self.pool, self._store, name="replies")
 
     async def answer_reply_request(self, event: Event, delivery: Delivery | None = None) -> None:
         if not isinstance(event, ReplyRequested):
             return
         req = event.payload
-        async with self.pool.acquire() as conn:
-            if await store.get_reply(conn, req.reply_key) is not None:
-                return  # generated before (redelivery, or a duplicate request): the sender owns it
+        if await self._lookups.submit(req.reply_key):
+            return  # generated before (redelivery, or a duplicate request): the sender owns it
         heartbeat = delivery.in_progress if delivery is not None else None
         generated = await self.responder.generate(req, heartbeat=heartbeat)
         reply_event = ReplyGenerated.create(
@@ -95,25 +116,23 @@ class Handlers:
             cause=event,
             event_id=stable_event_id("ReplyGenerated", req.reply_key),
         )
-        async with self.pool.acquire() as conn, conn.transaction():
-            # The row is the claim: a concurrent twin (another replica) loses here and stores nothing.
-            if not await store.insert_reply(
-                conn,
-                reply_key=req.reply_key,
-                phone=event.stream_id,  # the contract: stream_id is the contact's phone
-                kind="reply",
-                text=generated.text,
-                parts=split_text(generated.text),
-                reply_to_message_id=req.reply_to_message_id,
-                source=generated.source.value,
-                correlation_id=reply_event.correlation_id,
-                causation_id=reply_event.event_id,
-                trace_context=inject_context({}),
-                requested_at=event.occurred_at,  # the contact's send order (docs/llm-proxy.md)
-                previous_reply_key=req.previous_reply_key,
-            ):
-                return
-            await self.events.append(conn, event.stream_id, [reply_event])
+        reply = store.NewReply(
+            reply_key=req.reply_key,
+            phone=event.stream_id,  # the contract: stream_id is the contact's phone
+            kind="reply",
+            text=generated.text,
+            parts=split_text(generated.text),
+            reply_to_message_id=req.reply_to_message_id,
+            source=generated.source.value,
+            correlation_id=reply_event.correlation_id,
+            causation_id=reply_event.event_id,
+            trace_context=inject_context({}),
+            requested_at=event.occurred_at,  # the contact's send order (docs/llm-proxy.md)
+            previous_reply_key=req.previous_reply_key,
+        )
+        # The row is the claim: a concurrent twin (another replica) loses here and stores nothing.
+        if not await self._writes.submit(_Store(reply, reply_event, trace_context())):
+            return
         log.info(
             "reply generated for %s (%s)",
             mask_phone(req.phone),
@@ -126,23 +145,42 @@ class Handlers:
         if not isinstance(event, HumanVerificationRequested) or not event.payload.question.strip():
             return
         question = event.payload.question.strip()
-        async with self.pool.acquire() as conn, conn.transaction():
-            stored = await store.insert_reply(
-                conn,
-                reply_key=f"verification:{event.event_id}",
-                phone=event.stream_id,
-                kind="verification",
-                text=question,
-                parts=split_text(question),
-                reply_to_message_id="",
-                source="verification",
-                correlation_id=event.correlation_id or event.event_id,
-                causation_id=event.event_id,
-                trace_context=inject_context({}),
-                requested_at=event.occurred_at,
-            )
-        if stored:
+        reply = store.NewReply(
+            reply_key=f"verification:{event.event_id}",
+            phone=event.stream_id,
+            kind="verification",
+            text=question,
+            parts=split_text(question),
+            reply_to_message_id="",
+            source="verification",
+            correlation_id=event.correlation_id or event.event_id,
+            causation_id=event.event_id,
+            trace_context=inject_context({}),
+            requested_at=event.occurred_at,
+        )
+        if await self._writes.submit(_Store(reply)):
             self.on_reply_stored()
+
+    async def _stored(self, conn: asyncpg.Connection, reply_keys: list[str]) -> list[bool]:
+        stored = await store.stored_reply_keys(conn, reply_keys)
+        return [key in stored for key in reply_keys]
+
+    async def _store(self, conn: asyncpg.Connection, batch: list[_Store]) -> list[bool]:
+        """Rows, then the events of the rows stored now, each after its stream's current version
+        (in batch order within a stream). A version another writer took meanwhile (the sender's
+        ``MessageSent``) raises ``ConcurrencyError``: the batch is run again item by item."""
+        fresh = await store.insert_replies(conn, [s.reply for s in batch])
+        new = [(s.event, s.trace) for s in batch if s.event is not None and s.reply.reply_key in fresh]
+        if new:
+            versions = await self.events.stream_versions(conn, sorted({e.stream_id for e, _ in new}))
+            placed: list[tuple[ReplyGenerated, int]] = []
+            # By stream, as every batch writer orders them, so that row locks cannot deadlock.
+            new.sort(key=lambda item: item[0].stream_id)
+            for e, _ in new:
+                versions[e.stream_id] += 1
+                placed.append((e, versions[e.stream_id]))
+            await self.events.append_at_versions(conn, placed, [t for _, t in new], savepoint=False)
+        return [s.reply.reply_key in fresh for s in batch]
 
     async def queue_lead_export(self, event: Event, delivery: Delivery | None = None) -> None:
         if not isinstance(event, LeadChanged):

@@ -16,8 +16,11 @@ WhatsApp outage keeps replies *pending* in Postgres instead of holding or dead-l
   stream meanwhile (``ConcurrencyError``), with backoff through a database outage (up to
   ``sender_commit_retry_seconds``). Only a dead process leaves a row in ``sending``, and a live
   one never settles its own in-flight rows as in doubt.
-- Concurrency is capped at the pool size minus two (the leader lock and the consumers), so a
-  send does not queue for a connection between WhatsApp's answer and its commit.
+- Group commit (groupcommit.py): the concurrent sends' statements are gathered, one batch per
+  step for all contacts in flight: their heads (one query), their ``sending`` marks (one
+  statement, committed before any of their calls) and their results (parts sent, outbox rows
+  and ``MessageSent``: one transaction). A send holds no connection of its own, so the number of
+  contacts sent to at once does not depend on the pool size.
 - The remaining window: a crash after WhatsApp accepted a part and before we recorded it. The
   Cloud API has no idempotency key, so on recovery a ``sending`` row is *not* resent: it is
   marked failed with ``SendFailed(reason="outcome_unknown")`` for an operator (a duplicate
@@ -46,7 +49,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -54,13 +56,14 @@ from orbion_common.breakers import Breaker, BreakerOpen
 from orbion_common.bus import is_outage
 from orbion_common.events import MessageSent, SendFailed, stable_event_id
 from orbion_common.events.messaging import MessageSentPayload, SendFailedPayload
-from orbion_common.eventstore import ConcurrencyError, EventStore
+from orbion_common.eventstore import ConcurrencyError, EventStore, trace_context
 from orbion_common.leadership import leadership
 from orbion_common.logging import mask_phone
 from orbion_common.telemetry import extract_context, tracer
 
 from . import store
 from .domain import SendVerdict, backoff_seconds
+from .groupcommit import GroupCommit
 from .settings import Settings
 from .whatsapp import Provider, SendError
 
@@ -94,10 +97,16 @@ def _lost_connection(exc: BaseException) -> bool:
     return is_outage(exc) or isinstance(exc, asyncpg.InternalClientError)
 
 
-def send_concurrency(settings: Settings) -> int:
-    """Concurrent sends: the setting, capped so that the leader lock and the consumers keep a
-    connection each and every send finds one for its result."""
-    return max(1, min(int(settings.sender_concurrency), int(settings.db_pool_max) - 2))
+@dataclass(frozen=True)
+class _Sent:
+    """A part that went out, to record with its ``MessageSent`` (appended in ``trace``, the
+    send span's context); ``outbox``: the outbox row to write with it (the send itself)."""
+
+    reply: store.ReplyRow
+    part: store.PartSent
+    event: MessageSent
+    trace: str | None
+    outbox: store.OutboxMessage | None = None
 
 
 @dataclass
@@ -171,8 +180,15 @@ class Sender:
             settings.whatsapp_rate_per_second,
         )
         self._active: dict[str, asyncio.Task[None]] = {}
-        self._limit = asyncio.Semaphore(send_concurrency(settings))
+        self._limit = asyncio.Semaphore(max(1, settings.sender_concurrency))
         self._in_flight: set[str] = set()  # reply keys between "sending" and their result
+        self._heads: GroupCommit[str, store.ReplyRow | None] = GroupCommit(
+            pool, self._heads_of, name="sender-heads", transaction=False
+        )
+        self._marks: GroupCommit[str, None] = GroupCommit(
+            pool, self._mark_sending, name="sender-marks", transaction=False
+        )
+        self._results: GroupCommit[_Sent, None] = GroupCommit(pool, self._record_sent, name="sender-results")
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.leader = False
@@ -250,8 +266,7 @@ class Sender:
         async with self._limit:
             try:
                 while not self._stopping.is_set():
-                    async with self.pool.acquire() as conn:
-                        head = await store.head_of(conn, phone, hold_seconds=self._hold)
+                    head = await self._heads.submit(phone)
                     if head is None or head.held or head.next_attempt_at.timestamp() > time.time() + 0.001:
                         return
                     if head.reply_key in self._in_flight:
@@ -309,24 +324,18 @@ class Sender:
 
     async def _write_outbox(self, reply: store.ReplyRow, part_no: int) -> None:
         provider_id = "outbox." + stable_event_id("outbox", reply.reply_key, str(part_no))
-
-        # The write is the send: its statements are not traced one by one, so that the whole
-        # span counts as the send stage (the monitor would give a plain llm-proxy SQL span to
-        # the llm stage). MessageSent is appended in the span: the relay publishes it in this trace.
-        async def write(conn: asyncpg.Connection) -> None:
-            await store.insert_outbox(
-                conn,
-                provider_message_id=provider_id,
-                reply_key=reply.reply_key,
-                part=part_no,
-                phone=reply.phone,
-                text=reply.parts[part_no - 1],
-                reply_to_message_id=reply.reply_to_message_id,
-            )
-            await self._record_sent(conn, reply, part_no, provider_id, "outbox")
-
-        with self._send_span(reply, part_no, "outbox"), suppress_instrumentation():
-            await self._commit(reply, write)
+        message = store.OutboxMessage(
+            provider_message_id=provider_id,
+            reply_key=reply.reply_key,
+            part=part_no,
+            phone=reply.phone,
+            text=reply.parts[part_no - 1],
+            reply_to_message_id=reply.reply_to_message_id,
+        )
+        # The write is the send: the span covers its commit (the batch's statements are not
+        # traced), and MessageSent is appended in the span: the relay publishes it in this trace.
+        with self._send_span(reply, part_no, "outbox"):
+            await self._commit_sent(self._sent(reply, part_no, provider_id, "outbox", outbox=message))
         SENT_PARTS.labels("outbox").inc()
         self.on_appended()
 
@@ -337,8 +346,7 @@ class Sender:
             await self._reschedule(reply, self.breaker.retry_after(), "whatsapp breaker open", count=False)
             return False
         # Committed before the call: if we crash during it, recovery sees "sending" and does not resend.
-        async with self.pool.acquire() as conn:
-            await store.mark_sending(conn, reply.reply_key)
+        await self._marks.submit(reply.reply_key)
         self._in_flight.add(reply.reply_key)
         try:
             return await self._call_and_record(reply, part_no)
@@ -364,18 +372,23 @@ class Sender:
         # Recorded under the ended send span: the end-to-end latency stops when WhatsApp
         # accepted the part, and MessageSent (stored with this context) stays in the trace.
         with trace.use_span(span, end_on_exit=False):
-            await self._commit(
-                reply, lambda conn: self._record_sent(conn, reply, part_no, provider_id, self.via)
-            )
+            await self._commit_sent(self._sent(reply, part_no, provider_id, self.via))
         SENT_PARTS.labels(self.via).inc()
         self.on_appended()
         return None
 
-    async def _record_sent(
-        self, conn: asyncpg.Connection, reply: store.ReplyRow, part_no: int, provider_id: str, via: str
-    ) -> None:
-        last = part_no == len(reply.parts)
-        await store.record_part_sent(conn, reply.reply_key, provider_id, via, part=part_no, last=last)
+    def _sent(
+        self,
+        reply: store.ReplyRow,
+        part_no: int,
+        provider_id: str,
+        via: str,
+        *,
+        outbox: store.OutboxMessage | None = None,
+    ) -> _Sent:
+        part = store.PartSent(
+            reply.reply_key, provider_id, via, part=part_no, last=part_no == len(reply.parts)
+        )
         event = MessageSent(
             event_id=stable_event_id("MessageSent", reply.reply_key, str(part_no)),
             type="MessageSent",
@@ -393,7 +406,37 @@ class Sender:
                 reply_to_message_id=reply.reply_to_message_id,
             ),
         )
-        await self.events.append(conn, reply.phone, [event])
+        return _Sent(reply, part, event, trace_context(), outbox)
+
+    # -- the batches of the concurrent sends (GroupCommit) ---------------------------------------
+
+    async def _heads_of(self, conn: asyncpg.Connection, phones: list[str]) -> list[store.ReplyRow | None]:
+        heads = await store.heads_of(conn, phones, hold_seconds=self._hold)
+        return [heads.get(phone) for phone in phones]
+
+    async def _mark_sending(self, conn: asyncpg.Connection, reply_keys: list[str]) -> list[None]:
+        await store.mark_sending(conn, reply_keys)
+        return [None] * len(reply_keys)
+
+    async def _record_sent(self, conn: asyncpg.Connection, batch: list[_Sent]) -> list[None]:
+        """Parts sent, outbox rows and ``MessageSent`` of a batch in one transaction. A retried
+        commit (its first answer lost) skips the events already stored, as ``EventStore.append``
+        does; a stream version the consumer took meanwhile raises ``ConcurrencyError``."""
+        await store.record_parts_sent(conn, [s.part for s in batch])
+        outbox = [s.outbox for s in batch if s.outbox is not None]
+        if outbox:
+            await store.insert_outbox(conn, outbox)
+        stored = await self.events.stored_ids(conn, [s.event.event_id for s in batch])
+        # By stream, as every batch writer orders them, so that row locks cannot deadlock.
+        fresh = sorted((s for s in batch if s.event.event_id not in stored), key=lambda s: s.event.stream_id)
+        if fresh:
+            versions = await self.events.stream_versions(conn, sorted({s.event.stream_id for s in fresh}))
+            placed: list[tuple[MessageSent, int]] = []
+            for s in fresh:
+                versions[s.event.stream_id] += 1
+                placed.append((s.event, versions[s.event.stream_id]))
+            await self.events.append_at_versions(conn, placed, [s.trace for s in fresh], savepoint=False)
+        return [None] * len(batch)
 
     async def _on_send_error(self, reply: store.ReplyRow, exc: SendError) -> bool:
         SEND_ERRORS.labels(exc.verdict.value).inc()
@@ -431,16 +474,28 @@ class Sender:
     async def _commit(
         self, reply: store.ReplyRow, work: Callable[[asyncpg.Connection], Awaitable[object]]
     ) -> None:
-        """Run ``work`` in one transaction until it commits. The outcome it records is known in
+        """Run ``work`` in a transaction of its own until it commits (see :meth:`_until_committed`)."""
+
+        async def transact() -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await work(conn)
+
+        await self._until_committed(reply, transact)
+
+    async def _commit_sent(self, sent: _Sent) -> None:
+        """Record a part that went out, in the next batch of results, until it commits."""
+        await self._until_committed(sent.reply, lambda: self._results.submit(sent))
+
+    async def _until_committed(self, reply: store.ReplyRow, attempt: Callable[[], Awaitable[object]]) -> None:
+        """Run ``attempt`` (one transaction) until it commits. The outcome it records is known in
         memory: losing the contact's stream version to the consumer (``ConcurrencyError``) or a
         database outage must not leave the row in ``sending`` (later settled as outcome_unknown).
-        ``work`` is idempotent: a retry after a commit whose answer was lost changes nothing."""
+        The work is idempotent: a retry after a commit whose answer was lost changes nothing."""
         deadline = time.monotonic() + self.settings.sender_commit_retry_seconds
         conflicts, pause = 0, 0.1
         while True:
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    await work(conn)
+                await attempt()
                 return
             except ConcurrencyError:
                 conflicts += 1

@@ -75,8 +75,8 @@ class Settings(CommonSettings):
     )
     sender_concurrency: int = Field(
         64,
-        description="Contacts sent to concurrently; capped at ORBION_DB_POOL_MAX - 2 so that a send "
-        "never waits for a connection between WhatsApp's answer and the commit of its result.",
+        description="Contacts sent to concurrently; their statements are group-committed, so a send "
+        "holds no connection of its own and this does not depend on ORBION_DB_POOL_MAX.",
     )
     sender_commit_retry_seconds: float = Field(
         30.0,

@@ -46,7 +46,7 @@ class ReplyRow:
     trace_context: dict[str, str] | None = None  # W3C headers of the span that generated it
     requested_at: datetime | None = None  # the request's occurred_at: the contact's send order
     previous_reply_key: str = ""  # the contact's previous request ("" unknown)
-    held: bool = False  # head waiting for its previous request to be stored (due_heads, head_of)
+    held: bool = False  # head waiting for its previous request to be stored (due_heads, heads_of)
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> ReplyRow:
@@ -64,47 +64,75 @@ async def get_reply(conn: asyncpg.Connection, reply_key: str) -> ReplyRow | None
     return ReplyRow.of(row) if row else None
 
 
-async def insert_reply(
-    conn: asyncpg.Connection,
-    *,
-    reply_key: str,
-    phone: str,
-    kind: str,
-    text: str,
-    parts: Sequence[str],
-    reply_to_message_id: str,
-    source: str,
-    correlation_id: str,
-    causation_id: str,
-    trace_context: Mapping[str, str] | None = None,
-    requested_at: datetime | None = None,
-    previous_reply_key: str = "",
-) -> bool:
-    """Store a reply to send; False when ``reply_key`` is already stored (nothing changes).
+@dataclass(frozen=True)
+class NewReply:
+    """A reply to store (see :func:`insert_replies`)."""
+
+    reply_key: str
+    phone: str
+    kind: str
+    text: str
+    parts: Sequence[str]
+    reply_to_message_id: str
+    source: str
+    correlation_id: str
+    causation_id: str
+    trace_context: Mapping[str, str] | None = None
+    requested_at: datetime | None = None
+    previous_reply_key: str = ""
+
+
+async def stored_reply_keys(conn: asyncpg.Connection, reply_keys: Sequence[str]) -> set[str]:
+    """Those of ``reply_keys`` already stored."""
+    rows = await conn.fetch(
+        "SELECT reply_key FROM replies WHERE reply_key = ANY($1::text[])", list(reply_keys)
+    )
+    return {r["reply_key"] for r in rows}
+
+
+async def insert_replies(conn: asyncpg.Connection, replies: Sequence[NewReply]) -> set[str]:
+    """Store replies to send, in the order given (their ``seq``); returns the keys stored now
+    (a ``reply_key`` already stored changes nothing).
 
     ``trace_context`` (``traceparent``/``tracestate``) is where the sender's span will continue.
     ``requested_at`` (when the request was made; default now) orders the contact's replies;
     ``previous_reply_key`` is the contact's previous request, waited for (see ``due_heads``)."""
-    seq = await conn.fetchval(
+    rows = await conn.fetch(
         """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
                                 correlation_id, causation_id, trace_context, requested_at,
                                 previous_reply_key)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, coalesce($11, now()), $12)
-           ON CONFLICT (reply_key) DO NOTHING RETURNING seq""",
-        reply_key,
-        phone,
-        kind,
-        text,
-        list(parts),
-        reply_to_message_id,
-        source,
-        correlation_id,
-        causation_id,
-        json.dumps(dict(trace_context)) if trace_context else None,
-        requested_at,
-        previous_reply_key,
+           SELECT r.key, r.phone, r.kind, r.text,
+                  coalesce((SELECT array_agg(p ORDER BY i)
+                            FROM jsonb_array_elements_text(r.parts::jsonb) WITH ORDINALITY AS e(p, i)), '{}'),
+                  r.reply_to, r.source, r.correlation_id, r.causation_id, r.trace::jsonb,
+                  coalesce(r.requested_at, now()), r.previous_key
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                       $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
+                WITH ORDINALITY AS r(key, phone, kind, text, parts, reply_to, source, correlation_id,
+                                     causation_id, trace, requested_at, previous_key, n)
+           ORDER BY r.n
+           ON CONFLICT (reply_key) DO NOTHING RETURNING reply_key""",
+        [r.reply_key for r in replies],
+        [r.phone for r in replies],
+        [r.kind for r in replies],
+        [r.text for r in replies],
+        # text[] per row cannot ride in a 1-D array parameter: each row's parts as a JSON array.
+        [json.dumps(list(r.parts)) for r in replies],
+        [r.reply_to_message_id for r in replies],
+        [r.source for r in replies],
+        [r.correlation_id for r in replies],
+        [r.causation_id for r in replies],
+        [json.dumps(dict(r.trace_context)) if r.trace_context else None for r in replies],
+        [r.requested_at for r in replies],
+        [r.previous_reply_key for r in replies],
     )
-    return seq is not None
+    return {r["reply_key"] for r in rows}
+
+
+async def insert_reply(conn: asyncpg.Connection, **reply: Any) -> bool:
+    """Store one reply (the fields of :class:`NewReply`); False when ``reply_key`` is already stored."""
+    new = NewReply(**reply)
+    return new.reply_key in await insert_replies(conn, [new])
 
 
 # A contact's send order: a reply already started (a part sent, or in flight) first, then by
@@ -132,15 +160,19 @@ async def due_heads(conn: asyncpg.Connection, limit: int, *, hold_seconds: float
     return [ReplyRow.of(r) for r in rows]
 
 
-async def head_of(conn: asyncpg.Connection, phone: str, *, hold_seconds: float = 0.0) -> ReplyRow | None:
-    """The contact's first unsent reply (``held`` says whether it waits for its previous one)."""
-    row = await conn.fetchrow(
-        f"""SELECT r.*, {_HELD.format(hold="$2")} AS held FROM replies r
-            WHERE phone = $1 AND state IN ('pending', 'sending') ORDER BY {_HEAD_ORDER} LIMIT 1""",
-        phone,
+async def heads_of(
+    conn: asyncpg.Connection, phones: Sequence[str], *, hold_seconds: float = 0.0
+) -> dict[str, ReplyRow]:
+    """Each contact's first unsent reply (``held`` says whether it waits for its previous one);
+    contacts with none are left out."""
+    rows = await conn.fetch(
+        f"""SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
+            WHERE phone = ANY($1::text[]) AND state IN ('pending', 'sending')
+            ORDER BY phone, {_HEAD_ORDER}""",
+        list(phones),
         float(hold_seconds),
     )
-    return ReplyRow.of(row) if row else None
+    return {r["phone"]: ReplyRow.of(r) for r in rows}
 
 
 async def in_doubt(conn: asyncpg.Connection) -> list[ReplyRow]:
@@ -149,27 +181,39 @@ async def in_doubt(conn: asyncpg.Connection) -> list[ReplyRow]:
     return [ReplyRow.of(r) for r in rows]
 
 
-async def mark_sending(conn: asyncpg.Connection, reply_key: str) -> None:
+async def mark_sending(conn: asyncpg.Connection, reply_keys: Sequence[str]) -> None:
     await conn.execute(
-        "UPDATE replies SET state = 'sending', updated_at = now() WHERE reply_key = $1", reply_key
+        "UPDATE replies SET state = 'sending', updated_at = now() WHERE reply_key = ANY($1::text[])",
+        list(reply_keys),
     )
 
 
-async def record_part_sent(
-    conn: asyncpg.Connection, reply_key: str, provider_message_id: str, via: str, *, part: int, last: bool
-) -> None:
-    """Part ``part`` (1-based) went out. Idempotent: a retried commit whose first try did commit
-    (the answer was lost with the connection) changes nothing."""
+@dataclass(frozen=True)
+class PartSent:
+    """Part ``part`` (1-based) of a reply went out as ``provider_message_id``."""
+
+    reply_key: str
+    provider_message_id: str
+    via: str
+    part: int
+    last: bool
+
+
+async def record_parts_sent(conn: asyncpg.Connection, sent: Sequence[PartSent]) -> None:
+    """Move each reply's progress past its part. Idempotent: a retried commit whose first try did
+    commit (the answer was lost with the connection) changes nothing."""
     await conn.execute(
-        """UPDATE replies SET parts_sent = $5,
-                  provider_message_ids = array_append(provider_message_ids, $2),
-                  via = $3, state = $4, last_error = '', updated_at = now()
-           WHERE reply_key = $1 AND parts_sent = $5 - 1 AND state <> 'failed'""",
-        reply_key,
-        provider_message_id,
-        via,
-        SENT if last else PENDING,
-        part,
+        """UPDATE replies r SET parts_sent = d.part,
+                  provider_message_ids = array_append(r.provider_message_ids, d.provider_id),
+                  via = d.via, state = d.state, last_error = '', updated_at = now()
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
+                AS d(reply_key, provider_id, via, state, part)
+           WHERE r.reply_key = d.reply_key AND r.parts_sent = d.part - 1 AND r.state <> 'failed'""",
+        [p.reply_key for p in sent],
+        [p.provider_message_id for p in sent],
+        [p.via for p in sent],
+        [SENT if p.last else PENDING for p in sent],
+        [p.part for p in sent],
     )
 
 
@@ -204,25 +248,27 @@ async def reply_counts(conn: asyncpg.Connection) -> dict[str, int]:
 # -- outbox ----------------------------------------------------------------------------------
 
 
-async def insert_outbox(
-    conn: asyncpg.Connection,
-    *,
-    provider_message_id: str,
-    reply_key: str,
-    part: int,
-    phone: str,
-    text: str,
-    reply_to_message_id: str,
-) -> None:
+@dataclass(frozen=True)
+class OutboxMessage:
+    provider_message_id: str
+    reply_key: str
+    part: int
+    phone: str
+    text: str
+    reply_to_message_id: str
+
+
+async def insert_outbox(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -> None:
     await conn.execute(
         """INSERT INTO outbox (provider_message_id, reply_key, part, phone, text, reply_to_message_id)
-           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING""",
-        provider_message_id,
-        reply_key,
-        part,
-        phone,
-        text,
-        reply_to_message_id,
+           SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[])
+           ON CONFLICT DO NOTHING""",
+        [m.provider_message_id for m in messages],
+        [m.reply_key for m in messages],
+        [m.part for m in messages],
+        [m.phone for m in messages],
+        [m.text for m in messages],
+        [m.reply_to_message_id for m in messages],
     )
 
 

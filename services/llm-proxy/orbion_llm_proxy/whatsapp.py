@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
 from opentelemetry import trace
+from yarl import URL
 
 from .domain import SendVerdict, classify_send_error
 from .settings import Settings
@@ -53,12 +55,17 @@ class _JsonPoster:
     Timeouts as httpx applied them: ``timeout`` to get a connection and for each read; the
     breaker's call timeout bounds the whole call. Idle connections are dropped after 5 s, as
     httpx did, before a server is likely to close them under us.
+
+    Proxy settings come from the environment once per URL, as httpx read them once per client:
+    aiohttp's ``trust_env`` looks them (and ``~/.netrc``) up on every request, in a worker thread,
+    which cost two thread hand-offs per send (``orbion bench llm-proxy``, sender figures).
     """
 
     def __init__(self, timeout: float, max_connections: int) -> None:
         self._timeout = aiohttp.ClientTimeout(connect=timeout, sock_connect=timeout, sock_read=timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[str, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
 
     async def post(self, url: str, body: dict[str, Any], auth: dict[str, str]) -> tuple[int, dict[str, Any]]:
         """The answer's status and JSON object (``{}`` if not one); no answer: :class:`SendError`."""
@@ -66,11 +73,18 @@ class _JsonPoster:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=5.0),
                 timeout=self._timeout,
-                trust_env=True,  # proxy settings from the environment, as httpx honoured them
             )
+        proxy = self._proxies.get(url)
+        if proxy is None:
+            try:
+                proxy = self._proxies[url] = get_env_proxy_for_url(URL(url))
+            except LookupError:  # none configured, or this host bypasses it (NO_PROXY)
+                proxy = self._proxies[url] = (None, None)
         try:
             headers = {**auth, "Content-Type": "application/json"}
-            async with self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
+            async with self._session.post(
+                url, data=orjson.dumps(body), headers=headers, proxy=proxy[0], proxy_auth=proxy[1]
+            ) as response:
                 status, raw = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # No HTTP answer: connect errors never reached WhatsApp; a read timeout may have (see docs).

@@ -170,7 +170,7 @@ async def test_send_in_doubt_after_a_crash_is_not_repeated(
         await deps.handlers.answer_reply_request(req)
         # The process died during the HTTP call: the row says "sending", the result is unknown.
         async with pool.acquire() as conn:
-            await store.mark_sending(conn, req.payload.reply_key)
+            await store.mark_sending(conn, [req.payload.reply_key])
         fresh = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)  # the restarted process
         assert await fresh.sender.recover_in_doubt() == 1
         await fresh.handlers.answer_reply_request(req)  # JetStream redelivers the request too

@@ -23,7 +23,6 @@ from orbion_common.events.messaging import ReplyGeneratedPayload
 from orbion_llm_proxy import store
 from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
-from orbion_llm_proxy.sender import send_concurrency
 from tests.fakes.whatsapp import FakeWhatsApp
 
 from .conftest import make_settings
@@ -167,12 +166,6 @@ async def test_live_sender_does_not_settle_its_own_send_in_flight_as_in_doubt(
         await deps.sender.drain()
     assert settled == [0]
     assert await _types(deps, phone) == ["ReplyGenerated", "MessageSent"]
-
-
-def test_send_concurrency_leaves_connections_for_the_results(urls: dict[str, str], tag: str) -> None:
-    assert send_concurrency(make_settings(urls, tag, db_pool_max=4, sender_concurrency=64)) == 2
-    assert send_concurrency(make_settings(urls, tag, db_pool_max=2)) == 1
-    assert send_concurrency(make_settings(urls, tag, db_pool_max=100, sender_concurrency=64)) == 64
 
 
 def _requested(phone: str, text: str, at_offset_s: float, **payload: Any) -> ReplyRequested:
