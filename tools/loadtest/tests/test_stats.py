@@ -175,3 +175,21 @@ def test_the_timeline_buckets_replies_by_when_their_message_was_scheduled():
     assert [b["from_s"] for b in buckets] == [0.0, 20.0]
     assert [b["replies"] for b in buckets] == [10, 10]
     assert buckets[0]["p99"] == pytest.approx(100.0) and buckets[1]["p50"] == pytest.approx(2000.0)
+
+
+def test_stage_times_join_each_reply_to_its_inbound_message_and_skip_incomplete_ones() -> None:
+    from orbion_loadtest.runner import join_stages
+
+    rows = join_stages(
+        inbound=[("wamid.1", 100.0, 100.01), ("wamid.2", 100.5, 100.52)],
+        requested=[("rk1", "wamid.1", 1.5, 101.53), ("rk2", "wamid.2", 1.5, 102.1)],
+        generated=[("rk1", 101.6, 101.58)],
+        sent=[("rk1", 101.7)],
+    )
+    assert len(rows) == 1  # rk2 was never generated nor sent: no stages for it
+    [row] = rows
+    assert row["rk"] == "rk1"
+    assert abs(row["stored"] - 0.01) < 1e-9
+    assert abs(row["scheduled"] - 0.02) < 1e-9  # 101.53 - 100.01 - the 1.5 s quiet period
+    assert abs(row["generated"] - 0.07) < 1e-9
+    assert abs(row["sent"] - 0.1) < 1e-9
