@@ -158,19 +158,23 @@ def _producer_span(event: Envelope, context: otel_context.Context | None) -> Spa
     parent's context, injected as it is, carries the same trace id and "not sampled" decision
     to the consumers. A root publish (no valid parent) always asks the sampler.
     """
+    return _span_if_sampled(
+        f"publish {event.type}", context, SpanKind.PRODUCER, {"messaging.system": "nats"}, event
+    )
+
+
+def _span_if_sampled(
+    name: str,
+    context: otel_context.Context | None,
+    kind: SpanKind,
+    attributes: dict[str, str],
+    event: Envelope,
+) -> Span | None:
     parent = trace.get_current_span(context).get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
         return None
-    return tracer.start_span(
-        f"publish {event.type}",
-        context=context,
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": "nats",
-            "orbion.event_type": event.type,
-            "orbion.correlation_id": event.correlation_id,
-        },
-    )
+    attributes.update({"orbion.event_type": event.type, "orbion.correlation_id": event.correlation_id})
+    return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
 
 
 @functools.cache
@@ -186,18 +190,8 @@ def _handler_seconds(consumer: str) -> Any:
 def _consumer_span(spec: ConsumerSpec, event: Event, parent: otel_context.Context) -> Span | None:
     """The CONSUMER span of a delivery, or None when the publisher's trace is not sampled
     (the parent-based sampler would only make a non-recording span there; see _producer_span)."""
-    parent_span = trace.get_current_span(parent).get_span_context()
-    if parent_span.is_valid and not parent_span.trace_flags.sampled:
-        return None
-    return tracer.start_span(
-        f"process {event.type}",
-        context=parent,
-        kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.consumer": spec.durable,
-            "orbion.event_type": event.type,
-            "orbion.correlation_id": event.correlation_id,
-        },
+    return _span_if_sampled(
+        f"process {event.type}", parent, SpanKind.CONSUMER, {"messaging.consumer": spec.durable}, event
     )
 
 

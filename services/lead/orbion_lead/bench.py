@@ -103,23 +103,26 @@ def _messages(contacts: int, events: int, seed: int) -> dict[str, list[MessageRe
         phone = phones[n % contacts]
         mid = f"wamid.bench.{uuid.uuid4().hex}"
         when = base + timedelta(seconds=n)  # far apart: no quick-reply or repeat bot signals
-        by_phone[phone].append(
-            MessageReceived.create(
-                phone,
-                MessageReceivedPayload(
-                    provider=Provider.CLOUD_API,
-                    provider_message_id=mid,
-                    phone=phone,
-                    profile_name="Bench",
-                    kind=MessageKind.TEXT,
-                    text=f"{rng.choice(TEXTS)} #{n}",
-                    sent_at=when,
-                ),
-                event_id=stable_event_id("wa", mid),
-                occurred_at=when,
-            )
-        )
+        by_phone[phone].append(_text_message(phone, mid, f"{rng.choice(TEXTS)} #{n}", when))
     return by_phone
+
+
+def _text_message(phone: str, mid: str, text: str, when: datetime) -> MessageReceived:
+    """A contact's text as the gateway publishes it (event id derived from the WhatsApp id)."""
+    return MessageReceived.create(
+        phone,
+        MessageReceivedPayload(
+            provider=Provider.CLOUD_API,
+            provider_message_id=mid,
+            phone=phone,
+            profile_name="Bench",
+            kind=MessageKind.TEXT,
+            text=text,
+            sent_at=when,
+        ),
+        event_id=stable_event_id("wa", mid),
+        occurred_at=when,
+    )
 
 
 def _percentile(samples: Sequence[float], q: float) -> float:
@@ -246,25 +249,7 @@ def _live_traffic(contacts: int, messages: int, rate: float, seed: int, base: da
         for i in range(size):
             at = t + i * BURST_GAP_SECONDS
             mid = f"wamid.live.{rng.getrandbits(128):032x}"
-            plan.append(
-                (
-                    at,
-                    MessageReceived.create(
-                        phone,
-                        MessageReceivedPayload(
-                            provider=Provider.CLOUD_API,
-                            provider_message_id=mid,
-                            phone=phone,
-                            profile_name="Bench",
-                            kind=MessageKind.TEXT,
-                            text=rng.choice(TEXTS),
-                            sent_at=base + timedelta(seconds=at),
-                        ),
-                        event_id=stable_event_id("wa", mid),
-                        occurred_at=base + timedelta(seconds=at),
-                    ),
-                )
-            )
+            plan.append((at, _text_message(phone, mid, rng.choice(TEXTS), base + timedelta(seconds=at))))
         made += size
         at = t + (size - 1) * BURST_GAP_SECONDS + REPLY_AFTER_SECONDS
         key = f"{rng.getrandbits(128):032x}"
