@@ -24,6 +24,8 @@ from orbion_common.migrations import migrate  # noqa: E402
 from orbion_llm_proxy import store  # noqa: E402
 from orbion_llm_proxy.settings import Settings  # noqa: E402
 
+from .helpers import close_built  # noqa: E402
+
 _DEFAULTS = {
     "database_url": ("ORBION_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
     "nats_url": ("ORBION_TEST_NATS_URL", "nats://127.0.0.1:4222"),
@@ -90,3 +92,10 @@ def make_settings(urls: dict[str, str], tag: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@pytest.fixture(autouse=True)
+async def _close_http_clients() -> AsyncIterator[None]:
+    """Each test's service wiring is closed after it (no aiohttp session left unclosed)."""
+    yield
+    await close_built()

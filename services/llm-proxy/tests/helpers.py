@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import random
 import uuid
+from typing import Any
 
 from orbion_common.events import ReplyRequested
 from orbion_common.events.messaging import ReplyRequestedPayload
+from orbion_llm_proxy import bootstrap
+from orbion_llm_proxy.deps import Deps
+
+_built: list[Deps] = []
+
+
+def build_deps(*args: Any, **kwargs: Any) -> Deps:
+    """``bootstrap.build_deps``, remembered so that ``close_built`` closes its HTTP clients."""
+    deps = bootstrap.build_deps(*args, **kwargs)
+    _built.append(deps)
+    return deps
+
+
+async def close_built() -> None:
+    """Close the OpenAI and WhatsApp clients (aiohttp sessions) of every ``build_deps`` so far."""
+    while _built:
+        deps = _built.pop()
+        await deps.responder.aclose()
+        if deps.sender.provider is not None:  # None: replies go to the local outbox
+            await deps.sender.provider.aclose()
 
 
 def new_phone() -> str:

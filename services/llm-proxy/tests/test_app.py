@@ -7,10 +7,9 @@ import httpx
 from pydantic import SecretStr
 
 from orbion_llm_proxy.app import create_app
-from orbion_llm_proxy.bootstrap import build_deps
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 async def test_readyz_states_fallback_mode_and_breakers(

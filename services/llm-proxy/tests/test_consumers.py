@@ -8,10 +8,9 @@ from orbion_common.events import HumanVerificationRequested, MessageSent, ReplyG
 from orbion_common.events.lead import HumanVerificationPayload
 from orbion_common.events.messaging import ReplySource
 from orbion_llm_proxy import store
-from orbion_llm_proxy.bootstrap import build_deps
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 async def _events(deps, phone: str) -> list:  # type: ignore[no-untyped-def]

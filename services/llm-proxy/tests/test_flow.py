@@ -12,10 +12,10 @@ import asyncpg
 from orbion_common.bus import Bus
 from orbion_common.events import MessageSent, ReplyGenerated, decode
 from orbion_llm_proxy import store
-from orbion_llm_proxy.bootstrap import build_deps, start_workers, stop_workers
+from orbion_llm_proxy.bootstrap import start_workers, stop_workers
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 async def _wait_for(predicate: Any, attempts: int = 100, delay: float = 0.05) -> bool:

@@ -11,11 +11,10 @@ import asyncpg
 from orbion_common.events import ReplyGenerated, stable_event_id
 from orbion_common.events.messaging import ReplyGeneratedPayload
 from orbion_llm_proxy import store
-from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.groupcommit import BATCH_RETRIES, GroupCommit
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 async def test_a_failing_item_fails_alone_and_the_rest_of_its_batch_commits(pool: asyncpg.Pool) -> None:

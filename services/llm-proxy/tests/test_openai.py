@@ -10,11 +10,10 @@ import redis.asyncio as aioredis
 
 from orbion_common.events import BreakerStateChanged, ReplyGenerated
 from orbion_common.events.messaging import ReplySource
-from orbion_llm_proxy.bootstrap import build_deps
 from tests.fakes.openai import FakeOpenAI
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 def _openai_settings(urls: dict[str, str], tag: str, base_url: str, **kw: object):  # type: ignore[no-untyped-def]

@@ -10,14 +10,13 @@ import asyncpg
 
 from orbion_common.events import MessageSent, SendFailed
 from orbion_llm_proxy import store
-from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 def _cloud(urls: dict[str, str], tag: str, base_url: str, **kw: Any) -> Any:

@@ -21,12 +21,11 @@ import pytest
 from orbion_common.events import MessageSent, ReplyGenerated, ReplyRequested, stable_event_id
 from orbion_common.events.messaging import ReplyGeneratedPayload
 from orbion_llm_proxy import store
-from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
 from tests.fakes.whatsapp import FakeWhatsApp
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 SendText = Callable[[str, str, str], Awaitable[str]]
 

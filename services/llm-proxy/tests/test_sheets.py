@@ -11,12 +11,11 @@ import asyncpg
 
 from orbion_common.events import LeadChanged, LeadExported
 from orbion_common.events.lead import LeadChangedPayload, LeadSnapshot
-from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.domain import SHEET_COLUMNS
 from tests.fakes.sheets import FakeSheets
 
 from .conftest import make_settings
-from .helpers import new_phone
+from .helpers import build_deps, new_phone
 
 
 def _changed(phone: str, version: int, **fields: Any) -> LeadChanged:

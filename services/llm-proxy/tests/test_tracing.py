@@ -23,12 +23,11 @@ from orbion_common import telemetry
 from orbion_common.events import MessageSent
 from orbion_common.settings import CommonSettings
 from orbion_llm_proxy import store
-from orbion_llm_proxy.bootstrap import build_deps
 from orbion_llm_proxy.deps import Deps
 from tests.fakes.whatsapp import FakeWhatsApp
 
 from .conftest import make_settings
-from .helpers import new_phone, reply_requested
+from .helpers import build_deps, new_phone, reply_requested
 
 
 @pytest.fixture(scope="module")
