@@ -427,11 +427,16 @@ def on_reply_generated(lead: Lead, reply: ReplyGenerated, policy: Policy = Polic
 
 
 def on_message_sent(lead: Lead, sent: MessageSent) -> Decision:
-    """We sent a message: counts, and the clock for the quick-reply signal."""
-    if not lead.exists:
-        return Decision()
+    """We sent a message: counts, and the clock for the quick-reply signal.
+
+    A send can be handled before the inbound message that caused it (another replica may still
+    be committing that one): it creates the lead rather than being dropped, because a decision
+    that appends nothing would not conflict with that commit and the send would never be counted.
+    """
     p = sent.payload
     d = _Decision(lead, sent)
+    if not lead.exists:
+        d.add(LeadCreated, LeadCreatedPayload(phone=lead.phone))
     d.add(
         LeadActivityRecorded,
         _activity(lead.phone, "out", p.provider_message_id, "text", sent.occurred_at),

@@ -370,9 +370,13 @@ def test_handing_off_an_unknown_lead_is_refused() -> None:
         domain.hand_off(Lead(phone=new_phone()), to="x", reason="", request_id="r", at=T0)
 
 
-def test_a_message_sent_before_the_lead_exists_is_ignored() -> None:
+def test_a_message_sent_before_the_lead_exists_creates_it_and_is_counted() -> None:
+    # Another replica may still be committing the inbound message that caused the send.
     phone = new_phone()
-    assert domain.on_message_sent(Lead(phone=phone), sent(phone)) == []
+    lead, _ = given(phone, sent(phone))
+    assert lead.exists and lead.messages_out == 1
+    lead, _ = given(phone, sent(phone, when=at(1)), inbound(phone, "Oi"))
+    assert lead.messages_out == 1 and lead.messages_in == 1
 
 
 def test_messages_sent_are_counted_in_the_snapshot() -> None:
