@@ -34,7 +34,7 @@ import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +208,11 @@ class ConsumerSpec:
     deliver_new_only: bool = False
     fetch_timeout_seconds: float = 1.0
 
+    @property
+    def max_in_flight(self) -> int:
+        """Messages in hand at once: two batches, so that the next fetch overlaps the handling."""
+        return 2 * self.batch_size
+
     def nak_delay(self, num_delivered: int) -> float:
         index = min(num_delivered - 1, len(self.nak_delays) - 1)
         return self.nak_delays[max(index, 0)]
@@ -250,6 +255,83 @@ class Delivery:
 
 
 Handler = Callable[[Event, Delivery], Awaitable[None]]
+
+
+async def _succeeded(task: asyncio.Task[bool]) -> bool:
+    """Wait for ``task`` (not cancelling it if the waiter is) and say whether it returned True."""
+    await asyncio.wait([task])
+    return not task.cancelled() and task.exception() is None and task.result()
+
+
+class _InHand:
+    """The messages a consumer has fetched and not yet acked or nakked.
+
+    At most ``limit`` at once, so that fetching never runs ahead of the handlers by more than
+    that; and, per stream, the task handling its latest events (``chain``), which the stream's
+    next events wait for.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._tails: dict[str, asyncio.Task[bool]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._freed = asyncio.Event()
+
+    async def room(self) -> int:
+        """How many more messages may be fetched, once there is room for at least one."""
+        while self.count >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        return self.limit - self.count
+
+    def chain(
+        self,
+        stream_id: str,
+        size: int,
+        handle: Callable[[asyncio.Task[bool] | None], Coroutine[Any, Any, bool]],
+    ) -> asyncio.Task[bool]:
+        """Run ``handle(after)`` for ``size`` messages of ``stream_id``, where ``after`` is the
+        task of the stream's events fetched before, if it still runs."""
+        task = asyncio.create_task(handle(self._tails.get(stream_id)))
+        self._tails[stream_id] = task
+        self._tasks.add(task)
+        self.count += size
+
+        def done(finished: asyncio.Task[bool]) -> None:
+            self._tasks.discard(finished)
+            self.count -= size
+            if self._tails.get(stream_id) is finished:
+                del self._tails[stream_id]
+            self._freed.set()
+            if not finished.cancelled() and finished.exception() is not None:
+                # Its messages are neither acked nor nakked: JetStream redelivers them after ack_wait.
+                log.warning("consumer task for %s failed: %r", stream_id, finished.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def while_running(self, tasks: list[asyncio.Task[bool]], side: Coroutine[Any, Any, None]) -> None:
+        """Run ``side`` until every one of ``tasks`` is done."""
+        side_task = asyncio.create_task(side)
+        remaining = len(tasks)
+
+        def one_done(_: asyncio.Task[bool]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                side_task.cancel()
+
+        for task in tasks:
+            task.add_done_callback(one_done)
+
+    async def finish(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
 class Bus:
@@ -423,37 +505,51 @@ class Bus:
     async def _consume_forever(self, spec: ConsumerSpec, handler: Handler) -> None:
         sub: JetStreamContext.PullSubscription | None = None
         idle_fetches = 0
-        while not self._stopping.is_set():
-            try:
-                if sub is None:
-                    sub = await self._bind(spec)
-                    idle_fetches = 0
+        in_hand = _InHand(spec.max_in_flight)
+        try:
+            while not self._stopping.is_set():
                 try:
-                    msgs = await sub.fetch(spec.batch_size, timeout=spec.fetch_timeout_seconds)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    idle_fetches += 1
-                    # A consumer lost with a server restart fetches nothing and says nothing:
-                    # check now and then that it still exists.
-                    if idle_fetches % 15 == 0:
-                        await self.js.consumer_info(self.settings.stream_name, spec.durable)
-                    continue
-                idle_fetches = 0
-                await self._handle_batch(spec, handler, msgs)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("consumer %s lost its subscription (%r); binding again", spec.durable, exc)
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                sub = None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
+                    if sub is None:
+                        sub = await self._bind(spec)
+                        idle_fetches = 0
+                    room = await in_hand.room()
+                    try:
+                        msgs = await sub.fetch(min(spec.batch_size, room), timeout=spec.fetch_timeout_seconds)
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        idle_fetches += 1
+                        # A consumer lost with a server restart fetches nothing and says nothing:
+                        # check now and then that it still exists.
+                        if idle_fetches % 15 == 0:
+                            await self.js.consumer_info(self.settings.stream_name, spec.durable)
+                        continue
+                    idle_fetches = 0
+                    await self._start_batch(spec, handler, msgs, in_hand)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("consumer %s lost its subscription (%r); binding again", spec.durable, exc)
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                    sub = None
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
+            await in_hand.finish()  # the batches in hand end, their acks sent, before the drain
+        except asyncio.CancelledError:
+            in_hand.cancel()
+            raise
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _handle_batch(self, spec: ConsumerSpec, handler: Handler, msgs: list[Msg]) -> None:
+    async def _start_batch(
+        self, spec: ConsumerSpec, handler: Handler, msgs: list[Msg], in_hand: _InHand
+    ) -> None:
+        """Start handling a fetched batch and return: the next fetch overlaps its handling.
+
+        A contact's events run in order, after its events of earlier batches still in hand;
+        other contacts' events do not wait for them.
+        """
         by_stream: dict[str, list[tuple[Event, Msg]]] = {}
         for msg in msgs:
             try:
@@ -465,14 +561,16 @@ class Bus:
                 await msg.ack()
                 continue
             by_stream.setdefault(event.stream_id, []).append((event, msg))
-        pending = [msg for items in by_stream.values() for _, msg in items]
-        heartbeat = asyncio.create_task(self._keep_in_progress(spec, pending))
-        try:
-            await asyncio.gather(
-                *(self._handle_in_order(spec, handler, items) for items in by_stream.values())
+        if not by_stream:
+            return
+        chains = [
+            in_hand.chain(
+                stream_id, len(items), functools.partial(self._handle_in_order, spec, handler, items)
             )
-        finally:
-            heartbeat.cancel()
+            for stream_id, items in by_stream.items()
+        ]
+        pending = [msg for items in by_stream.values() for _, msg in items]
+        in_hand.while_running(chains, self._keep_in_progress(spec, pending))
 
     async def _keep_in_progress(self, spec: ConsumerSpec, msgs: list[Msg]) -> None:
         # A short ack_wait makes a crashed consumer's messages come back soon; while this
@@ -485,14 +583,28 @@ class Bus:
                         await msg.in_progress()
 
     async def _handle_in_order(
-        self, spec: ConsumerSpec, handler: Handler, items: list[tuple[Event, Msg]]
-    ) -> None:
+        self,
+        spec: ConsumerSpec,
+        handler: Handler,
+        items: list[tuple[Event, Msg]],
+        after: asyncio.Task[bool] | None,
+    ) -> bool:
+        """Handle one stream's events of a batch in order, once ``after`` (the same stream's
+        events of an earlier batch) succeeded. When one fails, the later ones are nakked, so
+        that the order holds on redelivery; returns whether all succeeded."""
+        if after is not None and not await _succeeded(after):
+            await self._nak_all(spec, items)
+            return False
         for index, (event, msg) in enumerate(items):
             if not await self._handle_one(spec, handler, event, msg):
-                for _, later in items[index + 1 :]:
-                    await later.nak(delay=spec.nak_delay(1))
-                    _handled(spec.durable, "nak").inc()
-                return
+                await self._nak_all(spec, items[index + 1 :])
+                return False
+        return True
+
+    async def _nak_all(self, spec: ConsumerSpec, items: list[tuple[Event, Msg]]) -> None:
+        for _, msg in items:
+            await msg.nak(delay=spec.nak_delay(1))
+            _handled(spec.durable, "nak").inc()
 
     async def _handle_one(self, spec: ConsumerSpec, handler: Handler, event: Event, msg: Msg) -> bool:
         headers = dict(msg.headers or {})

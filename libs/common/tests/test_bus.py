@@ -146,6 +146,62 @@ async def test_events_of_one_contact_are_handled_in_order_even_when_one_fails_on
     assert seen == [1, 2, 3, 4, 5]
 
 
+def number(event) -> int:
+    return int(event.payload.text.split()[-1])
+
+
+async def test_a_contact_whose_handling_is_slow_does_not_hold_up_other_contacts(bus, unique):
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def handler(event, delivery):
+        started.append(number(event))
+        if event.stream_id == "5511":
+            await release.wait()
+
+    bus.consume(ConsumerSpec(durable=f"hol{unique}", event_types=("MessageReceived",)), handler)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: started == [1])
+    try:
+        # Fetched while the first contact's batch is still in hand.
+        await bus.publish(inbound("5522", 2))
+        await wait_for(lambda: started == [1, 2], within=3.0)
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+async def test_a_contacts_event_fetched_while_its_earlier_one_is_handled_waits_for_it(
+    bus, unique, first_fails
+):
+    started: list[int] = []
+    done: list[int] = []
+    release = asyncio.Event()
+
+    async def handler(event, delivery):
+        n = number(event)
+        started.append(n)
+        if n == 1 and delivery.num_delivered == 1:
+            await release.wait()
+            if first_fails:
+                raise RuntimeError("transient")
+        done.append(n)
+
+    spec = ConsumerSpec(durable=f"chain{unique}", event_types=("MessageReceived",), nak_delays=(0.05,))
+    bus.consume(spec, handler)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: started == [1])
+    try:
+        await bus.publish(inbound("5511", 2))
+        await bus.publish(inbound("5522", 3))
+        await wait_for(lambda: 3 in done)  # the next fetch came while 1 was in hand
+        assert 2 not in started
+    finally:
+        release.set()
+    await wait_for(lambda: sorted(done) == [1, 2, 3])
+    assert done == [3, 1, 2]
+
+
 async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving(bus, unique):
     durable = f"lost{unique}"
     received: list[str] = []
