@@ -56,6 +56,7 @@ from nats.js.api import (
 )
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import Counter, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -613,8 +614,13 @@ class Bus:
         parent = propagate.extract(headers)
         span = _consumer_span(spec, event, parent)
         # The handler runs in the message's trace: in its CONSUMER span, or, when the trace is
-        # not sampled, directly in the publisher's context (ids for logs and later publishes).
-        token = otel_context.attach(trace.set_span_in_context(span, parent) if span else parent)
+        # not sampled, directly in the publisher's context (ids for logs and later publishes),
+        # where the libraries' instrumentations (asyncpg, redis) are told to make no span: they
+        # would build a non-recording one, at tens of µs, for each statement.
+        if span is not None:
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        else:
+            token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, parent))
         started = time.perf_counter()
         try:
             try:

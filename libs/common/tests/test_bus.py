@@ -343,14 +343,17 @@ async def test_a_handler_runs_in_the_publishers_trace_with_a_consumer_span_only_
     bus, unique, spans, sampled
 ):
     from opentelemetry import trace
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
     trace_id, parent_span_id = 0x1234 + sampled, 0x99
     flags = "01" if sampled else "00"
     seen: list[tuple[int, int, bool]] = []
+    instrumented: list[bool] = []
 
     async def handler(event, delivery):
         current = trace.get_current_span().get_span_context()
         seen.append((current.trace_id, current.span_id, current.trace_flags.sampled))
+        instrumented.append(is_instrumentation_enabled())
 
     await bus.publish(
         inbound("5511", 1), parent={"traceparent": f"00-{trace_id:032x}-{parent_span_id:016x}-{flags}"}
@@ -360,6 +363,8 @@ async def test_a_handler_runs_in_the_publishers_trace_with_a_consumer_span_only_
     await wait_for(lambda: seen)
     [(current_trace, current_span, current_sampled)] = seen
     assert current_trace == trace_id and current_sampled is sampled
+    # asyncpg's and redis's spans (non-recording ones too) only in a sampled trace
+    assert instrumented == [sampled]
     consumer_spans = [s for s in spans.get_finished_spans() if s.name == "process MessageReceived"]
     if sampled:
         [span] = consumer_spans
