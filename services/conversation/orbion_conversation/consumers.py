@@ -85,7 +85,9 @@ async def record_event(deps: Deps, event: Event, delivery: Delivery | None = Non
 
 async def _record(conn: asyncpg.Connection, ctx: ReplyContext, event: Event) -> str:
     phone = event.stream_id
-    pending = await replies.lock_pending(conn, phone) if isinstance(event, MessageReceived) else None
+    # Every event, not only an inbound one: the scheduler appends to the streams whose pending
+    # rows it holds, so waiting for the row here means never racing it for the next version.
+    pending = await replies.lock_pending(conn, phone)
     # Appended at the next version of the contact's stream; a replica appending to the same
     # contact meanwhile makes this raise ConcurrencyError (nak, re-read after the winner).
     stored = await ctx.store.append(conn, phone, [event])

@@ -4,7 +4,7 @@ The bus runs a batch's events concurrently, one contact's one after the other. E
 call hands its event to :class:`GroupCommit` and waits; the events gathered meanwhile (oldest
 first, at most one per contact, so a contact's order holds) are recorded in ONE transaction
 of a few set-based statements, whatever their number, instead of ~8 round trips each: claim
-them all, lock the pending rows of every inbound's contact (phone order: two groups never
+them all, lock the pending rows of their contacts (phone order: two groups never
 deadlock), read every stream version, append them all at the next versions, project them with
 ``BatchProjection`` (the rebuild's in-memory projector, tested to match the live SQL), decide
 the replies, upsert and delete the pending rows, read every history snapshot. After the
@@ -167,9 +167,10 @@ class GroupCommit:
             claimed = await ctx.store.claim_many(conn, deps.consumer_name, [w.event.event_id for w in group])
             fresh = [w for w in group if w.event.event_id in claimed]
             if fresh:
-                # Lock order (replies.py): the pending rows first, then the streams.
-                inbound = [w.event.stream_id for w in fresh if isinstance(w.event, MessageReceived)]
-                pending = await store.lock_pending_many(conn, inbound) if inbound else {}
+                # Lock order (replies.py): the pending rows first, then the streams. Of every
+                # contact, not only those with an inbound message: the scheduler appends to the
+                # streams whose rows it holds, and waiting for them here means never racing it.
+                pending = await store.lock_pending_many(conn, [w.event.stream_id for w in fresh])
                 versions = await ctx.store.stream_versions(conn, [w.event.stream_id for w in fresh])
                 # Already in our log: a provider retry under a new claim.
                 known = await ctx.store.stored_ids(conn, [w.event.event_id for w in fresh])

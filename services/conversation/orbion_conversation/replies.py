@@ -10,7 +10,10 @@ neither.
 
 Lock order, to avoid deadlocks between the consumer and the scheduler: the pending row
 first, then the contact's event stream; several at once: pending rows in phone order, appends
-in stream order.
+in stream order. The consumer takes a contact's pending row (when there is one) before every
+append to its stream, whatever the event, so it waits for a scheduler round that holds the row
+instead of racing it for the stream's next version (a lost race makes the round redo each of
+its bursts alone).
 """
 
 from __future__ import annotations

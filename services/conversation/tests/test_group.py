@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import timedelta
 
 import asyncpg
 import orjson
@@ -12,9 +13,9 @@ from opentelemetry import context, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 
-from orbion_common.events import Event
+from orbion_common.events import Event, utcnow
 from orbion_common.eventstore import StoredEvent
-from orbion_conversation import projector
+from orbion_conversation import projector, store
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.group import GroupCommit
 from orbion_conversation.store import Projection
@@ -176,3 +177,28 @@ async def test_each_event_of_a_group_keeps_its_own_trace(
         }
         # The inbound and the ReplyRequested it asked for, both in the inbound's own trace.
         assert traces == {"MessageReceived": f"{0x1000 + i:032x}", "ReplyRequested": f"{0x1000 + i:032x}"}
+
+
+@pytest.mark.parametrize("path", ["alone", "group"])
+async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts_burst(
+    pool: asyncpg.Pool, schema: str, redis: Redis, path: str
+) -> None:
+    """The scheduler holds the due bursts it claimed while it appends their requests; an event
+    of such a contact waits for the round rather than racing it for the stream's next version
+    (a lost race made the round redo every one of its bursts alone)."""
+    deps = make_deps(pool, schema, redis, quiet=1.5)
+    phone, other = new_phone(), new_phone()
+    assert await record_event(deps, inbound(phone, f"wamid.{phone}.1", "Oi", seconds=0)) == "scheduled"
+    reply = generated(phone, f"reply.{phone}", "Olá!", seconds=2)
+    async with pool.acquire() as conn, conn.transaction():
+        assert await store.claim_due(conn, utcnow() + timedelta(seconds=5), 10)  # as a round does
+        if path == "alone":
+            recording = asyncio.ensure_future(record_event(deps, reply))
+        else:
+            lanes = [[reply], [inbound(other, f"wamid.{other}.1", "Oi", seconds=0)]]
+            recording = asyncio.ensure_future(like_the_bus(GroupCommit(deps), lanes))
+        await asyncio.sleep(0.3)
+        assert not recording.done()
+    await asyncio.wait_for(recording, 5)
+    stream = (await streams(deps, [phone]))[phone]
+    assert [s.event.type for s in stream] == ["MessageReceived", "ReplyGenerated"]

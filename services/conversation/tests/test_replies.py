@@ -8,9 +8,9 @@ from datetime import timedelta
 import asyncpg
 from redis.asyncio import Redis
 
-from orbion_common.events import ReplyRequested, utcnow
+from orbion_common.events import Event, ReplyRequested, utcnow
 from orbion_common.eventstore import EventStore
-from orbion_conversation import domain
+from orbion_conversation import domain, projector
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.replies import ReplyContext, ReplyScheduler
 from orbion_conversation.store import Projection
@@ -156,9 +156,18 @@ async def test_after_a_passed_verification_the_next_burst_is_answered_without_th
     assert (request.payload.inbound_message_ids, request.payload.text) == (["wamid.A2"], "Quanto custa?")
 
 
+async def append_without_the_pending_row(deps: Deps, event: Event) -> None:
+    """What a consumer replica of an earlier release did (it can run beside this one during a
+    rolling upgrade): append and project without taking the contact's pending row first, so
+    that it races a scheduler round holding the row instead of waiting for it."""
+    async with deps.pool.acquire() as conn, conn.transaction():
+        [stored] = await deps.ctx.store.append(conn, event.stream_id, [event])
+        await projector.apply(conn, deps.ctx.projection, stored, deps.ctx.opt_in_rule)
+
+
 class _VerificationLandsMidDecision(Projection):
-    """The scheduler's projection: right after it has read the contact, the consumer (another
-    replica, another connection) commits the lead's HumanVerificationRequested."""
+    """The scheduler's projection: right after it has read the contact, a consumer replica that
+    does not wait for the pending row (another connection) commits HumanVerificationRequested."""
 
     def __init__(self, consumer: Deps, phone: str) -> None:
         super().__init__()
@@ -181,7 +190,7 @@ class _VerificationLandsMidDecision(Projection):
     async def _land(self) -> None:
         if not self.landed:
             self.landed = True
-            assert await record_event(self.consumer, verification_requested(self.phone)) == "projected"
+            await append_without_the_pending_row(self.consumer, verification_requested(self.phone))
 
 
 async def test_a_verification_committed_while_the_scheduler_decides_is_never_overtaken(
@@ -251,7 +260,7 @@ async def test_a_round_where_one_stream_moved_still_emits_the_others(
             summaries = await super().load_contacts(conn, phones_)
             if not self.landed:  # another replica appends to the first contact's stream meanwhile
                 self.landed = True
-                await record_event(deps, generated(phones[0], "reply.x", "Olá", seconds=3))
+                await append_without_the_pending_row(deps, generated(phones[0], "reply.x", "Olá", seconds=3))
             return summaries
 
     scheduler = ReplyScheduler(pool, ReplyContext(ctx.store, _LateStatus(), ctx.history, ctx.quiet_seconds))
