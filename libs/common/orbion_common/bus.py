@@ -164,6 +164,18 @@ def _producer_span(event: Envelope, context: otel_context.Context | None) -> Spa
     )
 
 
+def _not_sampled(carrier: dict[str, str]) -> bool:
+    """Whether a stored trace context names a valid parent whose trace is not sampled: W3C
+    ``traceparent`` is ``00-<trace id>-<span id>-<flags>``, and bit 0 of the flags is "sampled"."""
+    parts = carrier.get("traceparent", "").split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return False
+    try:
+        return int(parts[1], 16) != 0 and int(parts[2], 16) != 0 and not int(parts[3], 16) & 1
+    except ValueError:
+        return False
+
+
 def _span_if_sampled(
     name: str,
     context: otel_context.Context | None,
@@ -430,11 +442,16 @@ class Bus:
         if not self.nc.is_connected:
             raise BusUnavailable("not connected to NATS")
         headers = {"Nats-Msg-Id": msg_id or event.event_id, "Orbion-Type": event.type}
-        context = propagate.extract(parent) if parent else None
-        span = _producer_span(event, context)
-        # The span is only injected, never made current: nothing runs inside it but the publish,
-        # and attaching a context costs as much as the headers it fills.
-        propagate.inject(headers, context=trace.set_span_in_context(span, context) if span else context)
+        span: Span | None = None
+        if parent and _not_sampled(parent):
+            # What extract + inject would write (no span under an unsampled parent), for less.
+            headers.update(parent)
+        else:
+            context = propagate.extract(parent) if parent else None
+            span = _producer_span(event, context)
+            # The span is only injected, never made current: nothing runs inside it but the
+            # publish, and attaching a context costs as much as the headers it fills.
+            propagate.inject(headers, context=trace.set_span_in_context(span, context) if span else context)
         started = time.perf_counter()
         try:
             ack = await self.js.publish(

@@ -372,3 +372,23 @@ async def test_a_handler_runs_in_the_publishers_trace_with_a_consumer_span_only_
     else:
         # No span of its own: the handler continues the publisher's context as it came.
         assert consumer_spans == [] and current_span == parent_span_id
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "00-00000000000000000000000000000000-0000000000000099-00",  # zero trace id: invalid
+        "00-1234-99-00",  # ids of the wrong length
+        "00-zz34000000000000000000000000000z-0000000000000099-00",  # not hex
+    ],
+)
+async def test_a_stored_trace_context_that_is_not_valid_is_not_passed_on(bus, unique, traceparent):
+    seen: list[dict[str, str]] = []
+
+    async def handler(event, delivery):
+        seen.append(delivery.headers)
+
+    await bus.publish(inbound("5511", 1), parent={"traceparent": traceparent})
+    bus.consume(ConsumerSpec(durable=f"bad{unique}", event_types=("MessageReceived",)), handler)
+    await wait_for(lambda: seen)
+    assert seen[0].get("traceparent") != traceparent
