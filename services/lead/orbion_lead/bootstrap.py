@@ -135,7 +135,9 @@ async def build(
     pool = await create_pool(settings, service=SERVICE)
     redis = None
     if settings.redis_url:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        # The API's rate limiter fails closed (503) past this timeout: 0.5 s, as
+        # RateLimiter.from_url; 0.25 s was exceeded on a busy 2-core machine.
+        redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     else:
         log.warning("ORBION_REDIS_URL not set: lead cache and API rate limits are off")
     store = LeadStore(schema)
