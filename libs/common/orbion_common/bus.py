@@ -56,7 +56,7 @@ from nats.js.api import (
 )
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import Counter, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -634,14 +634,13 @@ class Bus:
         # not sampled, directly in the publisher's context (ids for logs and later publishes),
         # where the libraries' instrumentations (asyncpg, redis) are told to make no span: they
         # would build a non-recording one, at tens of µs, for each statement.
-        if span is not None:
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-        else:
-            token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, parent))
+        token = otel_context.attach(trace.set_span_in_context(span, parent) if span else parent)
+        quiet = suppress_instrumentation() if span is None else contextlib.nullcontext()
         started = time.perf_counter()
         try:
             try:
-                await handler(event, delivery)
+                with quiet:
+                    await handler(event, delivery)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
