@@ -15,8 +15,9 @@ Owns the delivery policy every service shares, stated here once:
   message waits, nakked, for as long as the outage lasts.
   Bytes that are not an event are dead-lettered at once: retrying cannot fix them.
 - Within a fetched batch, events of one ``stream_id`` run one after the other, in order; other
-  streams run concurrently. If one fails, the later events of its stream in that batch are
-  nakked too, so that order is kept on redelivery.
+  streams run concurrently. If one fails, the later events of its stream in that batch (and in
+  the next batch, if in hand) are nakked too, with at least its delay, so that it comes back
+  first and order is kept on redelivery.
 - After a NATS restart (or a stream/consumer lost with it) the consumer re-provisions the
   stream and its durable and binds again: nats-py resubscribes the inbox on reconnect, but a
   pull subscription bound to a consumer that no longer exists fetches nothing for ever.
@@ -270,10 +271,17 @@ class Delivery:
 Handler = Callable[[Event, Delivery], Awaitable[None]]
 
 
-async def _succeeded(task: asyncio.Task[bool]) -> bool:
-    """Wait for ``task`` (not cancelling it if the waiter is) and say whether it returned True."""
+# What a stream's handling task returns: None when every event was acked, else for how long
+# the first event that failed is away (its nak delay), which its later events wait out too.
+Away = float | None
+
+
+async def _away(task: asyncio.Task[Away], spec: ConsumerSpec) -> Away:
+    """Wait for ``task`` (not cancelling it if the waiter is) and return what it returned."""
     await asyncio.wait([task])
-    return not task.cancelled() and task.exception() is None and task.result()
+    if task.cancelled() or task.exception() is not None:
+        return spec.ack_wait_seconds  # neither acked nor nakked: back after ack_wait
+    return task.result()
 
 
 class _InHand:
@@ -287,7 +295,7 @@ class _InHand:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
-        self._tails: dict[str, asyncio.Task[bool]] = {}
+        self._tails: dict[str, asyncio.Task[Away]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._freed = asyncio.Event()
 
@@ -302,8 +310,8 @@ class _InHand:
         self,
         stream_id: str,
         size: int,
-        handle: Callable[[asyncio.Task[bool] | None], Coroutine[Any, Any, bool]],
-    ) -> asyncio.Task[bool]:
+        handle: Callable[[asyncio.Task[Away] | None], Coroutine[Any, Any, Away]],
+    ) -> asyncio.Task[Away]:
         """Run ``handle(after)`` for ``size`` messages of ``stream_id``, where ``after`` is the
         task of the stream's events fetched before, if it still runs."""
         task = asyncio.create_task(handle(self._tails.get(stream_id)))
@@ -311,7 +319,7 @@ class _InHand:
         self._tasks.add(task)
         self.count += size
 
-        def done(finished: asyncio.Task[bool]) -> None:
+        def done(finished: asyncio.Task[Away]) -> None:
             self._tasks.discard(finished)
             self.count -= size
             if self._tails.get(stream_id) is finished:
@@ -324,12 +332,12 @@ class _InHand:
         task.add_done_callback(done)
         return task
 
-    def while_running(self, tasks: list[asyncio.Task[bool]], side: Coroutine[Any, Any, None]) -> None:
+    def while_running(self, tasks: list[asyncio.Task[Away]], side: Coroutine[Any, Any, None]) -> None:
         """Run ``side`` until every one of ``tasks`` is done."""
         side_task = asyncio.create_task(side)
         remaining = len(tasks)
 
-        def one_done(_: asyncio.Task[bool]) -> None:
+        def one_done(_: asyncio.Task[Away]) -> None:
             nonlocal remaining
             remaining -= 1
             if remaining == 0:
@@ -605,26 +613,26 @@ class Bus:
         spec: ConsumerSpec,
         handler: Handler,
         items: list[tuple[Event, Msg]],
-        after: asyncio.Task[bool] | None,
-    ) -> bool:
+        after: asyncio.Task[Away] | None,
+    ) -> Away:
         """Handle one stream's events of a batch in order, once ``after`` (the same stream's
-        events of an earlier batch) succeeded. When one fails, the later ones are nakked, so
-        that the order holds on redelivery; returns whether all succeeded."""
-        if after is not None and not await _succeeded(after):
-            await self._nak_all(spec, items)
-            return False
+        events of an earlier batch) succeeded. When one fails, the later ones are nakked for at
+        least as long as it is away, so that the order holds on redelivery."""
+        if after is not None and (away := await _away(after, spec)) is not None:
+            await self._nak_all(spec, items, away)
+            return away
         for index, (event, msg) in enumerate(items):
-            if not await self._handle_one(spec, handler, event, msg):
-                await self._nak_all(spec, items[index + 1 :])
-                return False
-        return True
+            if (away := await self._handle_one(spec, handler, event, msg)) is not None:
+                await self._nak_all(spec, items[index + 1 :], away)
+                return away
+        return None
 
-    async def _nak_all(self, spec: ConsumerSpec, items: list[tuple[Event, Msg]]) -> None:
+    async def _nak_all(self, spec: ConsumerSpec, items: list[tuple[Event, Msg]], away: float) -> None:
         for _, msg in items:
-            await msg.nak(delay=spec.nak_delay(1))
+            await msg.nak(delay=max(away, spec.nak_delay(1)))
             _handled(spec.durable, "nak").inc()
 
-    async def _handle_one(self, spec: ConsumerSpec, handler: Handler, event: Event, msg: Msg) -> bool:
+    async def _handle_one(self, spec: ConsumerSpec, handler: Handler, event: Event, msg: Msg) -> Away:
         headers = dict(msg.headers or {})
         num_delivered = msg.metadata.num_delivered
         delivery = Delivery(num_delivered=num_delivered, subject=msg.subject, headers=headers, _msg=msg)
@@ -656,6 +664,7 @@ class Bus:
                         exc,
                     )
                     await self._dead_letter(spec, msg, repr(exc))
+                    return 0.0
                 else:
                     log.warning(
                         "consumer %s failed on %s %s (delivery %d): %r",
@@ -665,9 +674,10 @@ class Bus:
                         num_delivered,
                         exc,
                     )
-                    await msg.nak(delay=spec.nak_delay(num_delivered))
+                    delay = spec.nak_delay(num_delivered)
+                    await msg.nak(delay=delay)
                     _handled(spec.durable, "nak").inc()
-                return False
+                    return delay
         finally:
             _handler_seconds(spec.durable).observe(time.perf_counter() - started)
             otel_context.detach(token)
@@ -675,7 +685,7 @@ class Bus:
                 span.end()
         await msg.ack()
         _handled(spec.durable, "ack").inc()
-        return True
+        return None
 
     async def _dead_letter(self, spec: ConsumerSpec, msg: Msg, error: str) -> None:
         # Publish before term: if the publish fails, the message is redelivered, not lost.

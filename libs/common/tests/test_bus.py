@@ -146,6 +146,23 @@ async def test_events_of_one_contact_are_handled_in_order_even_when_one_fails_on
     assert seen == [1, 2, 3, 4, 5]
 
 
+async def test_a_contacts_later_events_wait_out_a_failed_events_growing_delay(bus, unique):
+    seen: list[int] = []
+
+    async def handler(event, delivery):
+        n = number(event)
+        if n == 2 and delivery.num_delivered <= 2:
+            raise RuntimeError("transient")
+        seen.append(n)
+
+    await bus.publish_all([inbound("5511", n) for n in range(1, 5)])
+    # The second failure naks event 2 for 0.5 s: 3 and 4, nakked with it, must not come back first.
+    spec = ConsumerSpec(durable=f"delay{unique}", event_types=("MessageReceived",), nak_delays=(0.05, 0.5))
+    bus.consume(spec, handler)
+    await wait_for(lambda: len(seen) == 4)
+    assert seen == [1, 2, 3, 4]
+
+
 def number(event) -> int:
     return int(event.payload.text.split()[-1])
 
