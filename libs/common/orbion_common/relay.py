@@ -25,7 +25,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from .bus import Bus, BusUnavailable
-from .eventstore import EventStore
+from .eventstore import Cursor, EventStore
 from .leadership import leadership
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class Relay:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.leader = False
+        # While leading, only this relay moves the cursor: the one it saved last is current,
+        # and reading it back before every batch would be a round trip for nothing.
+        self._cursor: Cursor | None = None
 
     def wake(self) -> None:
         """Publish now rather than at the next poll (call after committing appended events)."""
@@ -81,6 +84,7 @@ class Relay:
                                 await self._sleep(self.poll_seconds)
                     finally:
                         self.leader = False
+                        self._cursor = None
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, BusUnavailable) as exc:
@@ -90,16 +94,20 @@ class Relay:
     async def publish_pending(self) -> int:
         """Publish one batch of the log; returns how many events it read (published or passed)."""
         async with self.pool.acquire() as conn:
-            cursor = await self.store.cursor(conn, self.name)
+            cursor = self._cursor if self.leader else None
+            if cursor is None:
+                cursor = await self.store.cursor(conn, self.name)
             page = await self.store.read_page(conn, cursor, self.publish_types, limit=self.batch_size)
             if not page.read:
                 RELAY_LAG.labels(self.store.schema).set(0)
+                self._cursor = cursor if self.leader else None
                 return 0
             owned = page.events
             RELAY_LAG.labels(self.store.schema).set(len(owned))
             if owned:
                 await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
             await self.store.save_cursor(conn, self.name, page.cursor)
+            self._cursor = page.cursor if self.leader else None
         RELAYED.labels(self.store.schema).inc(len(owned))
         return page.read
 
