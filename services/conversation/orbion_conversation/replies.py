@@ -264,6 +264,18 @@ async def emit_many(
     return stored
 
 
+def next_round_in(
+    due_in: float | None, *, since_last: float, round_seconds: float, poll_seconds: float
+) -> float:
+    """Seconds until the scheduler's next round: when the earliest burst is due (``due_in``;
+    None: none waiting, poll), but rounds start at least ``round_seconds`` apart while bursts
+    keep coming due, so that one round's few statements take many of them. The spacing counts
+    from the last round's start (``since_last`` ago): a burst due after it is emitted on time."""
+    if due_in is None:
+        return poll_seconds
+    return min(poll_seconds, max(due_in, round_seconds - since_last, 0.0))
+
+
 class ReplyScheduler:
     """Emits due bursts; sleeps until the earliest is due (polling for other replicas'), woken by
     the consumer when it saved one while none was waiting."""
@@ -363,7 +375,9 @@ class ReplyScheduler:
         return True
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
+            started = loop.time()
             try:
                 emitted = await self.emit_due()
                 waiting, due = await store.pending_summary(self.pool)
@@ -375,11 +389,12 @@ class ReplyScheduler:
                 emitted, due = 0, None
             if emitted >= self.batch_size:
                 continue  # a backlog: the next round at once
-            wait = self.poll_seconds
-            if due is not None:
-                # Rounds at least round_seconds apart while bursts keep coming due, so that one
-                # round's few statements take many of them, for a few ms of lag.
-                wait = min(wait, max(self.round_seconds, (due - utcnow()).total_seconds()))
+            wait = next_round_in(
+                None if due is None else (due - utcnow()).total_seconds(),
+                since_last=loop.time() - started,
+                round_seconds=self.round_seconds,
+                poll_seconds=self.poll_seconds,
+            )
             # The consumer's wake-up says a burst was saved, due a quiet period from now: it
             # matters only when none was waiting (a known due time is always the earlier one).
             woken = self._wake if due is None else self._stopping

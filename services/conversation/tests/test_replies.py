@@ -12,7 +12,7 @@ from orbion_common.events import Event, ReplyRequested, utcnow
 from orbion_common.eventstore import EventStore
 from orbion_conversation import domain, projector
 from orbion_conversation.consumers import Deps, record_event
-from orbion_conversation.replies import ReplyContext, ReplyScheduler
+from orbion_conversation.replies import ReplyContext, ReplyScheduler, next_round_in
 from orbion_conversation.store import Projection
 
 from .builders import generated, inbound, new_phone, opted_out, verification_passed, verification_requested
@@ -267,3 +267,20 @@ async def test_a_round_where_one_stream_moved_still_emits_the_others(
     assert await scheduler.emit_due(utcnow() + LATER) == 3
     for phone in phones:
         assert len(await reply_requests(deps, phone)) == 1
+
+
+def test_a_burst_due_after_the_round_spacing_is_emitted_when_due_not_a_spacing_later() -> None:
+    # The last round started 30 ms ago; the next burst is due in 3 ms: then, not 20 ms from now.
+    assert next_round_in(0.003, since_last=0.03, round_seconds=0.02, poll_seconds=0.25) == 0.003
+
+
+def test_rounds_start_at_least_the_spacing_apart_while_bursts_keep_coming_due() -> None:
+    # Overdue bursts right after a round that started 5 ms ago wait for the rest of the 20 ms.
+    assert round(next_round_in(-0.01, since_last=0.005, round_seconds=0.02, poll_seconds=0.25), 6) == 0.015
+    # A round that took longer than the spacing is followed at once.
+    assert next_round_in(-0.01, since_last=0.05, round_seconds=0.02, poll_seconds=0.25) == 0.0
+
+
+def test_with_no_burst_waiting_or_a_far_one_the_scheduler_polls() -> None:
+    assert next_round_in(None, since_last=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
+    assert next_round_in(10.0, since_last=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
