@@ -80,6 +80,11 @@ SEND_SECONDS = Histogram(
     ["via"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+IN_DOUBT_SECONDS = Histogram(
+    "orbion_llm_proxy_send_in_doubt_seconds",
+    "From WhatsApp accepting a part to its result committed: a crash inside it leaves the part in doubt",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30),
+)
 PENDING_REPLIES = Gauge("orbion_llm_proxy_pending_replies", "Replies waiting to be sent (last poll)")
 
 _tracer = tracer("orbion.llm_proxy.sender")
@@ -373,11 +378,13 @@ class Sender:
             return await self._on_send_error(reply, exc)
         except TimeoutError as exc:  # the breaker's call timeout: no answer, like a read timeout
             return await self._on_send_error(reply, SendError(str(exc), status=None, code=None))
-        SEND_SECONDS.labels(self.via).observe(time.perf_counter() - started)
+        accepted = time.perf_counter()
+        SEND_SECONDS.labels(self.via).observe(accepted - started)
         # Recorded under the ended send span: the end-to-end latency stops when WhatsApp
         # accepted the part, and MessageSent (stored with this context) stays in the trace.
         with trace.use_span(span, end_on_exit=False):
             await self._commit_sent(self._sent(reply, part_no, provider_id, self.via))
+        IN_DOUBT_SECONDS.observe(time.perf_counter() - accepted)
         SENT_PARTS.labels(self.via).inc()
         self.on_appended()
         return None

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+from prometheus_client import REGISTRY
 
 from orbion_common.events import MessageSent, SendFailed
 from orbion_llm_proxy import store
@@ -41,6 +42,10 @@ async def _settle(deps: Deps, rounds: int = 60) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"replies still pending: {counts}")
+
+
+def _in_doubt_windows() -> float:
+    return REGISTRY.get_sample_value("orbion_llm_proxy_send_in_doubt_seconds_count") or 0.0
 
 
 async def test_reply_is_sent_in_thread_with_provider_id(
@@ -109,10 +114,13 @@ async def test_long_reply_is_split_into_ordered_parts(
         deps = build_deps(settings, pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone, "me explica tudo")
+        measured_before = _in_doubt_windows()
         await deps.handlers.answer_reply_request(req)
         await _settle(deps)
     texts = [r["text"] for r in whatsapp.sent]
     assert len(texts) == 3 and all(len(t) <= 4096 for t in texts)
+    # Each part's window between WhatsApp accepting it and its result committed is on /metrics.
+    assert _in_doubt_windows() - measured_before == 3
     assert " ".join(texts) == long_text.strip()
     assert [r["context_message_id"] for r in whatsapp.sent] == [req.payload.reply_to_message_id, "", ""]
     sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
