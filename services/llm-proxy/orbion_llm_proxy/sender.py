@@ -249,7 +249,7 @@ class Sender:
         for head in heads:
             if head.phone in self._active:
                 continue
-            task = asyncio.create_task(self._drain_contact(head), name=f"send:{head.phone[-4:]}")
+            task = asyncio.create_task(self._drain_contact(head.phone), name=f"send:{head.phone[-4:]}")
             self._active[head.phone] = task
             task.add_done_callback(functools.partial(self._forget, head.phone))
             started += 1
@@ -267,16 +267,11 @@ class Sender:
         await self.dispatch_due()
         await self._finish_active()
 
-    async def _drain_contact(self, due: store.ReplyRow) -> None:
-        """Send the contact's replies in order while they are due, from ``due`` (its head as
-        ``dispatch_due`` read it: read again only if the task had to wait for a slot)."""
-        phone = due.phone
-        fresh = not self._limit.locked()
+    async def _drain_contact(self, phone: str) -> None:
         async with self._limit:
             try:
                 while not self._stopping.is_set():
-                    head = due if fresh else await self._heads.submit(phone)
-                    fresh = False
+                    head = await self._heads.submit(phone)
                     if head is None or head.held or head.next_attempt_at.timestamp() > time.time() + 0.001:
                         return
                     if head.reply_key in self._in_flight:
