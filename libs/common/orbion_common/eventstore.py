@@ -17,6 +17,7 @@ together or not at all.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -95,6 +96,9 @@ class EventStore:
         s = f'"{schema}"'
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.events WHERE stream_id = $1"
         self._sql_existing = f"SELECT event_id FROM {s}.events WHERE event_id = ANY($1::text[])"
+        self._sql_version_and_existing = f"""
+            SELECT coalesce((SELECT max(version) FROM {s}.events WHERE stream_id = $1), 0) AS version,
+                   ARRAY(SELECT event_id FROM {s}.events WHERE event_id = ANY($2::text[])) AS existing"""
         self._sql_insert = f"""
             INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
             SELECT e.event_id, $1, e.version, e.type, e.occurred_at, e.body::jsonb, $7::jsonb
@@ -165,36 +169,43 @@ class EventStore:
         events: Sequence[Envelope],
         *,
         expected_version: int | None = None,
+        savepoint: bool = True,
     ) -> list[StoredEvent]:
         """Append ``events`` to ``stream_id`` in order; returns the ones newly stored.
 
         Events already stored (same ``event_id``) are skipped. With ``expected_version``, raises
         :class:`ConcurrencyError` unless the stream is at exactly that version; without it, a
         concurrent append to the same stream also surfaces as :class:`ConcurrencyError`.
+        ``savepoint=False`` for callers whose transaction ends on that error anyway: the
+        savepoint, which keeps the caller's transaction usable, costs two round trips.
         """
         if any(e.stream_id != stream_id for e in events):
             raise ValueError("every event must belong to the stream it is appended to")
-        current = await conn.fetchval(self._sql_version, stream_id)
+        row = await conn.fetchrow(self._sql_version_and_existing, stream_id, [e.event_id for e in events])
+        current: int = row["version"]
         if expected_version is not None and current != expected_version:
             raise ConcurrencyError(f"stream {stream_id} is at version {current}, expected {expected_version}")
-        ids = [e.event_id for e in events]
-        existing = await self.stored_ids(conn, ids) if ids else set()
+        existing = set(row["existing"])
         fresh = [e for e in events if e.event_id not in existing]
         if not fresh:
             return []
+        insert = functools.partial(
+            conn.fetch,
+            self._sql_insert,
+            stream_id,
+            [e.event_id for e in fresh],
+            list(range(current + 1, current + 1 + len(fresh))),
+            [e.type for e in fresh],
+            [e.occurred_at for e in fresh],
+            [encode(e).decode() for e in fresh],
+            trace_context(),
+        )
         try:
-            # A savepoint, so that losing a race leaves the caller's transaction usable.
-            async with conn.transaction():
-                rows = await conn.fetch(
-                    self._sql_insert,
-                    stream_id,
-                    [e.event_id for e in fresh],
-                    list(range(current + 1, current + 1 + len(fresh))),
-                    [e.type for e in fresh],
-                    [e.occurred_at for e in fresh],
-                    [encode(e).decode() for e in fresh],
-                    trace_context(),
-                )
+            if savepoint:
+                async with conn.transaction():
+                    rows = await insert()
+            else:
+                rows = await insert()
         except asyncpg.UniqueViolationError as exc:
             raise ConcurrencyError(f"concurrent append to stream {stream_id}: {exc.detail}") from exc
         return [_stored(r) for r in rows]

@@ -60,18 +60,32 @@ async def test_appending_at_a_stale_version_is_a_conflict(store):
     assert await es.stream_version(conn, "551100") == 1
 
 
-async def test_concurrent_appends_to_one_stream_let_exactly_one_win(store, database_url):
-    es, _ = store
+@pytest.mark.parametrize("savepoint", [True, False])
+async def test_concurrent_appends_to_one_stream_let_exactly_one_win(store, database_url, savepoint):
+    es, observer = store
     conns = [await asyncpg.connect(database_url) for _ in range(2)]
     try:
         trs = [c.transaction() for c in conns]
         for t in trs:
             await t.start()
         await es.append(conns[0], "551100", [inbound("551100", 1)], expected_version=0)
-        loser = asyncio.create_task(es.append(conns[1], "551100", [inbound("551100", 2)], expected_version=0))
+        loser = asyncio.create_task(
+            es.append(conns[1], "551100", [inbound("551100", 2)], expected_version=0, savepoint=savepoint)
+        )
+        # The loser read version 0 and waits on the winner's uncommitted row: the insert conflicts.
+        sql = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1"
+        for _ in range(500):
+            if await observer.fetchval(sql, conns[1].get_server_pid()) == "Lock":
+                break
+            await asyncio.sleep(0.01)
         await trs[0].commit()
         with pytest.raises(ConcurrencyError):
             await loser
+        if savepoint:  # the loser's transaction is still usable, for a caller that goes on
+            assert await conns[1].fetchval("SELECT 1") == 1
+        else:
+            with pytest.raises(asyncpg.InFailedSQLTransactionError):
+                await conns[1].fetchval("SELECT 1")
         await trs[1].rollback()
     finally:
         for c in conns:

@@ -90,7 +90,7 @@ async def _record(conn: asyncpg.Connection, ctx: ReplyContext, event: Event) -> 
     pending = await replies.lock_pending(conn, phone)
     # Appended at the next version of the contact's stream; a replica appending to the same
     # contact meanwhile makes this raise ConcurrencyError (nak, re-read after the winner).
-    stored = await ctx.store.append(conn, phone, [event])
+    stored = await ctx.store.append(conn, phone, [event], savepoint=False)  # a conflict ends the transaction
     if not stored:
         return "duplicate"  # already in our log (a provider retry under a new claim)
     applied = await projector.apply(conn, ctx.projection, stored[0], ctx.opt_in_rule)

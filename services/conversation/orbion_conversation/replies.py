@@ -162,7 +162,8 @@ async def emit(
         correlation_id,
         causation_id,
     )
-    stored = await ctx.store.append(conn, phone, [event], expected_version=version)
+    # No savepoint: every caller's transaction ends on a conflict.
+    stored = await ctx.store.append(conn, phone, [event], expected_version=version, savepoint=False)
     for s in stored:
         await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule)
     return stored[0] if stored else None
