@@ -27,8 +27,24 @@ import orjson
 import psutil
 
 
+def python_speed(steps: int = 1_000_000, tries: int = 3) -> float:
+    """Million steps per second of a plain Python loop on one core (best of ``tries``).
+
+    Machines of the same CPU name differ by 2x and more (shared cores, older hosts); this
+    figure, printed with every report, says which runs can be compared.
+    """
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        total = 0
+        for i in range(steps):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(steps / best / 1e6, 1)
+
+
 def machine() -> dict[str, Any]:
-    """The machine a run happened on: CPU, cores, memory, OS, Python, commit."""
+    """The machine a run happened on: CPU, cores, memory, OS, Python, commit, one core's speed."""
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,6 +64,7 @@ def machine() -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        "python_mloops_per_s": python_speed(),
         "commit": commit,
         "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -98,7 +115,9 @@ def markdown(meta: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], plots:
         "",
         f"Run {m['at']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB), {m['os']}, Python "
         f"{m['python']}, commit `{m['commit'] or '?'}`. Everything on this machine: the five services, NATS, "
-        "Postgres, Redis, the fakes and the load generator.",
+        "Postgres, Redis, the fakes and the load generator. One core's speed: "
+        f"{m.get('python_mloops_per_s', '?')} million Python loop steps a second (compare runs only "
+        "on machines that agree).",
         "",
         f"SLO per step: pipeline p99 ≤ {meta['slo']['p99_ms']:.0f} ms (end-to-end minus the fake LLM's own "
         f"time and the {meta['quiet_period_s']:g} s quiet period), errors ≤ {meta['slo']['error_rate']:.1%}, "

@@ -37,6 +37,8 @@ def test_the_markdown_report_names_the_machine_the_rate_and_every_step(tmp_path)
     assert "Sustainable rate: 1 msg/s" in text
     assert "| 10/s |" in text and "**breaks**: pipeline p99 2000 ms > 1000 ms" in text
     assert meta["machine"]["cpu"] in text
+    assert meta["machine"]["python_mloops_per_s"] > 0
+    assert f"One core's speed: {meta['machine']['python_mloops_per_s']} million Python loop steps" in text
     assert (tmp_path / "summary.json").exists()
 
 
