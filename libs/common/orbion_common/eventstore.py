@@ -17,7 +17,7 @@ together or not at all.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -189,9 +189,7 @@ class EventStore:
         fresh = [e for e in events if e.event_id not in existing]
         if not fresh:
             return []
-        insert = functools.partial(
-            conn.fetch,
-            self._sql_insert,
+        args = (
             stream_id,
             [e.event_id for e in fresh],
             list(range(current + 1, current + 1 + len(fresh))),
@@ -200,14 +198,8 @@ class EventStore:
             [encode(e).decode() for e in fresh],
             trace_context(),
         )
-        try:
-            if savepoint:
-                async with conn.transaction():
-                    rows = await insert()
-            else:
-                rows = await insert()
-        except asyncpg.UniqueViolationError as exc:
-            raise ConcurrencyError(f"concurrent append to stream {stream_id}: {exc.detail}") from exc
+        conflict = f"concurrent append to stream {stream_id}"
+        rows = await _insert(conn, self._sql_insert, args, savepoint, conflict)
         return [_stored(r) for r in rows]
 
     async def append_at_versions(
@@ -242,14 +234,7 @@ class EventStore:
             [encode(e).decode() for e, _ in events],
             traces,
         )
-        try:
-            if savepoint:
-                async with conn.transaction():
-                    rows = await conn.fetch(self._sql_insert_many, *args)
-            else:
-                rows = await conn.fetch(self._sql_insert_many, *args)
-        except asyncpg.UniqueViolationError as exc:
-            raise ConcurrencyError(f"concurrent append: {exc.detail}") from exc
+        rows = await _insert(conn, self._sql_insert_many, args, savepoint, "concurrent append")
         positions = {r["event_id"]: r["position"] for r in rows}
         return [positions[e.event_id] for e, _ in events]
 
@@ -344,3 +329,16 @@ class EventStore:
 
     async def save_checkpoint(self, conn: asyncpg.Connection, name: str, position: int) -> None:
         await self.save_cursor(conn, name, Cursor(0, position))
+
+
+async def _insert(
+    conn: asyncpg.Connection, sql: str, args: Sequence[object], savepoint: bool, conflict: str
+) -> list[asyncpg.Record]:
+    """Insert events, in a savepoint if asked (it keeps the caller's transaction usable after a
+    conflict, for two round trips); a unique violation is a :class:`ConcurrencyError`."""
+    try:
+        async with conn.transaction() if savepoint else contextlib.nullcontext():
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+    except asyncpg.UniqueViolationError as exc:
+        raise ConcurrencyError(f"{conflict}: {exc.detail}") from exc

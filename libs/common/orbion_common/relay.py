@@ -98,16 +98,14 @@ class Relay:
             if cursor is None:
                 cursor = await self.store.cursor(conn, self.name)
             page = await self.store.read_page(conn, cursor, self.publish_types, limit=self.batch_size)
-            if not page.read:
-                RELAY_LAG.labels(self.store.schema).set(0)
-                self._cursor = cursor if self.leader else None
-                return 0
             owned = page.events
             RELAY_LAG.labels(self.store.schema).set(len(owned))
             if owned:
                 await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
-            await self.store.save_cursor(conn, self.name, page.cursor)
-            self._cursor = page.cursor if self.leader else None
+            if page.read:
+                await self.store.save_cursor(conn, self.name, page.cursor)
+            if self.leader:
+                self._cursor = page.cursor
         RELAYED.labels(self.store.schema).inc(len(owned))
         return page.read
 
