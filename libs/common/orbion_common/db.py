@@ -34,12 +34,14 @@ async def create_pool(settings: CommonSettings, *, service: str) -> asyncpg.Pool
         server_settings={
             "search_path": f"{schema_of(service)},public",
             "application_name": f"orbion-{service}",
-            # Every execution planned for the table as it is now. asyncpg prepares each statement
-            # once per connection, and Postgres may then cache one generic plan for good: made
-            # while a fresh store was tiny (a sequential scan), it was kept as the table grew,
-            # until an ANALYZE that autovacuum may be late with or never run. Planning these
-            # short, keyed statements costs tens of microseconds.
-            "plan_cache_mode": "force_custom_plan",
+            # The services run lookups and writes that an index serves (the few counts run on
+            # an index too). asyncpg prepares each statement once per connection, and Postgres
+            # then caches one generic plan: made while a fresh store was tiny, a sequential scan
+            # would be kept as the table grew, until an ANALYZE that autovacuum may be late with
+            # or never run. With sequential scans off, cached plans use the indexes from the
+            # start and executions reuse them (planning each afresh, with force_custom_plan,
+            # cost Postgres as much time as executing).
+            "enable_seqscan": "off",
         },
     )
     assert pool is not None
