@@ -9,12 +9,16 @@ so that one trace follows a message across services. Handlers never create spans
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -24,6 +28,7 @@ from orbion_common.settings import CommonSettings
 
 __all__ = [
     "add_span_processor",
+    "background_task",
     "extract_context",
     "inject_context",
     "setup_telemetry",
@@ -33,6 +38,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
@@ -117,3 +124,21 @@ def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     Use as ``tracer(...).start_as_current_span(name, context=extract_context(msg.headers))``.
     """
     return propagate.extract(dict(headers) if headers else {})
+
+
+def background_task(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """Run a service's background loop (a relay, a scheduler, a flusher) as a task whose
+    libraries' spans (SQL, Redis) are off.
+
+    Its statements belong to no one message: traced, each would start a trace of its own (one
+    in ten recorded and exported as noise), or join whatever trace the task was started from
+    for as long as it runs. The loop's own spans are unaffected, and work it does for one
+    message runs in that message's context (e.g. ``otel_context.attach`` of a handler's
+    context, which carries the handler's own decision).
+    """
+    return asyncio.create_task(_untraced(coro), name=name, context=contextvars.Context())
+
+
+async def _untraced(coro: Coroutine[Any, Any, T]) -> T:
+    with suppress_instrumentation():
+        return await coro

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -11,14 +12,16 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import asyncpg
 import httpx
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 from orbion_common import telemetry
 from orbion_common.logging import configure_logging
@@ -101,6 +104,34 @@ def test_no_headers_gives_a_new_root(spans: InMemorySpanExporter) -> None:
     ) as span:
         assert span.get_span_context().is_valid
         assert getattr(span, "parent", None) is None
+
+
+async def test_a_background_task_traces_none_of_its_statements_even_when_started_inside_a_sampled_trace(
+    spans: InMemorySpanExporter, database_url: str
+) -> None:
+    # A relay or a flusher started from a handler would otherwise put every statement it runs,
+    # for as long as it runs, into that one message's trace (and out of it, a trace each).
+    sampled = SpanContext(0x5EED, 0xF00D, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+
+    async def poll() -> None:
+        async with pool.acquire() as conn:
+            await conn.fetch("SELECT 1")
+
+    def in_the_trace() -> list[str]:
+        return [s.name for s in spans.get_finished_spans() if s.context.trace_id == sampled.trace_id]
+
+    token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(sampled)))
+    try:
+        spans.clear()
+        await asyncio.create_task(poll())
+        assert in_the_trace(), "a plain task's statements join the trace it was started in"
+        spans.clear()
+        await telemetry.background_task(poll(), name="poll")
+        assert in_the_trace() == []
+    finally:
+        otel_context.detach(token)
+        await pool.close()
 
 
 async def test_fastapi_requests_become_server_spans_except_probes(spans: InMemorySpanExporter) -> None:

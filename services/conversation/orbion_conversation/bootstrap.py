@@ -25,7 +25,7 @@ from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.ratelimit import RateLimiter, Tier, limit_requests
 from orbion_common.relay import Relay
 from orbion_common.service import run, serve
-from orbion_common.telemetry import setup_telemetry
+from orbion_common.telemetry import background_task, setup_telemetry
 
 from .app import AppDeps, create_app
 from .consumers import Deps, consumer_spec
@@ -72,8 +72,8 @@ class Service:
                 spec = replace(spec, deliver_new_only=True)
             self.bus.consume(spec, GroupCommit(self.deps).handle)
         if self.relay is not None:
-            self.tasks.append(asyncio.create_task(self.relay.run(), name="conversation-relay"))
-        self.tasks.append(asyncio.create_task(self.scheduler.run(), name="conversation-replies"))
+            self.tasks.append(background_task(self.relay.run(), name="conversation-relay"))
+        self.tasks.append(background_task(self.scheduler.run(), name="conversation-replies"))
 
     async def stop(self) -> None:
         """Consumer first (in-flight handlers finish and ack), then scheduler and relay."""

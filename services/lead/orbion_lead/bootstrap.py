@@ -24,7 +24,7 @@ from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.ratelimit import RateLimiter
 from orbion_common.relay import Relay
 from orbion_common.service import run, serve
-from orbion_common.telemetry import setup_telemetry, shutdown_telemetry
+from orbion_common.telemetry import background_task, setup_telemetry, shutdown_telemetry
 
 from .app import SERVICE, Deps, build_app
 from .consumers import CONSUMER, LeadConsumers, consumer_spec
@@ -92,9 +92,9 @@ class Service:
         if self.bus is not None:
             self.bus.consume(self.consumer_spec(), self.consumers.handle)
         if self.relay is not None:
-            self.tasks.append(asyncio.create_task(self.relay.run(), name="lead-relay"))
+            self.tasks.append(background_task(self.relay.run(), name="lead-relay"))
         self.tasks.append(
-            asyncio.create_task(
+            background_task(
                 self.recorder.run_timers(self._stop, poll_seconds=self.settings.lead_timer_poll_seconds),
                 name="lead-timers",
             )

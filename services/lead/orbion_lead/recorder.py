@@ -48,6 +48,7 @@ from orbion_common.cache import VersionedCache
 from orbion_common.events import Envelope
 from orbion_common.eventstore import ConcurrencyError, trace_context
 from orbion_common.logging import mask_phone
+from orbion_common.telemetry import background_task
 
 from . import domain
 from .domain import Lead
@@ -142,7 +143,7 @@ class LeadRecorder:
         work = _Work(phone, decide, claim, asyncio.get_running_loop().create_future())
         self._pending.append(work)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_forever(), name="lead-recorder")
+            self._flusher = background_task(self._flush_forever(), name="lead-recorder")
         self._wake.set()
         return await work.done
 

@@ -20,6 +20,7 @@ from orbion_common.db import create_pool
 from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.relay import Relay
+from orbion_common.telemetry import background_task
 
 from . import store
 from .consumers import Handlers, consumer_specs
@@ -139,13 +140,13 @@ def start_workers(
         if deps.exporter is not None:
             deps.bus.consume(specs["exports"], deps.handlers.queue_lead_export)
     tasks = [
-        asyncio.create_task(deps.sender.run(), name="llm-proxy-sender"),
-        asyncio.create_task(deps.recorder.run(), name="llm-proxy-breaker-events"),
+        background_task(deps.sender.run(), name="llm-proxy-sender"),
+        background_task(deps.recorder.run(), name="llm-proxy-breaker-events"),
     ]
     if deps.relay is not None:
-        tasks.append(asyncio.create_task(deps.relay.run(), name="llm-proxy-relay"))
+        tasks.append(background_task(deps.relay.run(), name="llm-proxy-relay"))
     if deps.exporter is not None:
-        tasks.append(asyncio.create_task(deps.exporter.run(), name="llm-proxy-sheets"))
+        tasks.append(background_task(deps.exporter.run(), name="llm-proxy-sheets"))
     return tasks
 
 
