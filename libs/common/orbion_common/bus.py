@@ -63,7 +63,7 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .events import Envelope, Event, UndecodableEvent, decode, encode
+from .events import EncodedEvent, Envelope, Event, UndecodableEvent, decode, encode
 from .settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def subject_root(stream_name: str) -> str:
     return stream_name.lower()
 
 
-def subject_for(event: Envelope, root: str = "orbion") -> str:
+def subject_for(event: Envelope | EncodedEvent, root: str = "orbion") -> str:
     """``<root>.events.<Type>.<partition>``: the partition token lets consumers split by contact."""
     return f"{root}.events.{event.type}.{partition_of(event.stream_id)}"
 
@@ -152,7 +152,7 @@ def _published(event_type: str, fresh: bool) -> Any:  # labels() per publish cos
     return (PUBLISHED if fresh else DUPLICATES).labels(event_type)
 
 
-def _producer_span(event: Envelope, context: otel_context.Context | None) -> Span | None:
+def _producer_span(event: Envelope | EncodedEvent, context: otel_context.Context | None) -> Span | None:
     """The PRODUCER span of a publish, or None when its parent's trace is not sampled.
 
     The parent-based sampler (``telemetry.setup_telemetry``) would make a non-recording span
@@ -182,7 +182,7 @@ def _span_if_sampled(
     context: otel_context.Context | None,
     kind: SpanKind,
     attributes: dict[str, str],
-    event: Envelope,
+    event: Envelope | EncodedEvent,
 ) -> Span | None:
     parent = trace.get_current_span(context).get_span_context()
     if parent.is_valid and not parent.trace_flags.sampled:
@@ -435,7 +435,7 @@ class Bus:
 
     async def publish(
         self,
-        event: Envelope,
+        event: Envelope | EncodedEvent,
         *,
         msg_id: str | None = None,
         parent: dict[str, str] | None = None,
@@ -464,7 +464,7 @@ class Bus:
         try:
             ack = await self.js.publish(
                 subject_for(event, self.root),
-                encode(event),
+                event.data if isinstance(event, EncodedEvent) else encode(event),
                 timeout=self.publish_timeout if ack_timeout is None else ack_timeout,
                 headers=headers,
             )
@@ -486,7 +486,7 @@ class Bus:
 
     async def publish_all(
         self,
-        events: Sequence[Envelope],
+        events: Sequence[Envelope | EncodedEvent],
         msg_ids: Sequence[str] | None = None,
         parents: Sequence[dict[str, str] | None] | None = None,
     ) -> list[bool]:

@@ -18,16 +18,16 @@ together or not at all.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import asyncpg
 import orjson
 from opentelemetry import propagate
 from opentelemetry.context import Context
 
-from .events import Envelope, Event, decode, encode
+from .events import EncodedEvent, Envelope, Event, decode, encode
 
 
 class ConcurrencyError(RuntimeError):
@@ -57,23 +57,44 @@ class StoredEvent:
         return Cursor(self.tx_id, self.position)
 
 
-class Page(NamedTuple):
+@dataclass(frozen=True)
+class StoredEncoded:
+    """A stored event left as the JSON the store keeps, for passing it on unparsed (a relay)."""
+
+    event: EncodedEvent
+    trace_context: dict[str, str] | None = None
+
+
+S = TypeVar("S", StoredEvent, StoredEncoded)
+
+
+class Page(NamedTuple, Generic[S]):
     """What a follower read: the events it wants, and where to continue from."""
 
-    events: list[StoredEvent]
+    events: list[S]
     cursor: Cursor  # after the last event read, of any type
     read: int  # events read, of any type
 
 
 def _stored(row: asyncpg.Record) -> StoredEvent:
-    trace = row.get("trace_context")
     return StoredEvent(
         position=row["position"],
         version=row["version"],
         event=decode(row["body"]),
         tx_id=int(row["tx_id"]),
-        trace_context=orjson.loads(trace) if trace else None,
+        trace_context=_trace_of(row),
     )
+
+
+def _stored_encoded(row: asyncpg.Record) -> StoredEncoded:
+    body: str = row["body"]
+    event = EncodedEvent(row["event_id"], row["type"], row["stream_id"], row["correlation_id"], body.encode())
+    return StoredEncoded(event, _trace_of(row))
+
+
+def _trace_of(row: asyncpg.Record) -> dict[str, str] | None:
+    trace = row.get("trace_context")
+    return orjson.loads(trace) if trace else None
 
 
 def trace_context(context: Context | None = None) -> str | None:
@@ -139,8 +160,10 @@ class EventStore:
         )
         # The body only of the wanted types ($4, NULL: all): the others are passed, not parsed.
         self._sql_after = (
-            f"SELECT position, version, tx_id::text::bigint AS tx_id, "
+            f"SELECT position, version, tx_id::text::bigint AS tx_id, event_id, stream_id, type, "
             f"CASE WHEN $4::text[] IS NULL OR type = ANY($4) THEN body::text END AS body, "
+            f"CASE WHEN $4::text[] IS NULL OR type = ANY($4) THEN body->>'correlation_id' END "
+            f"AS correlation_id, "
             f"trace_context::text AS trace_context FROM {s}.events "
             f"WHERE (tx_id, position) > ($1::text::xid8, $2) "
             f"AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
@@ -294,16 +317,37 @@ class EventStore:
         types: Collection[str] | None = None,
         *,
         limit: int = 500,
-    ) -> Page:
+    ) -> Page[StoredEvent]:
         """:meth:`read_after`, returning only the events of ``types`` (None: all), and the cursor
         after the last event read, whatever its type: a follower that publishes a few types
         moves past the others without parsing them."""
+        return await self._page(conn, cursor, types, limit, _stored)
+
+    async def read_encoded_page(
+        self,
+        conn: asyncpg.Connection,
+        cursor: Cursor,
+        types: Collection[str] | None = None,
+        *,
+        limit: int = 500,
+    ) -> Page[StoredEncoded]:
+        """:meth:`read_page` with the events left as the JSON stored, for a relay to publish."""
+        return await self._page(conn, cursor, types, limit, _stored_encoded)
+
+    async def _page(
+        self,
+        conn: asyncpg.Connection,
+        cursor: Cursor,
+        types: Collection[str] | None,
+        limit: int,
+        parse: Callable[[asyncpg.Record], S],
+    ) -> Page[S]:
         wanted = sorted(types) if types is not None else None
         rows = await conn.fetch(self._sql_after, str(cursor.tx_id), cursor.position, limit, wanted)
         if not rows:
             return Page([], cursor, 0)
         last = Cursor(int(rows[-1]["tx_id"]), rows[-1]["position"])
-        return Page([_stored(r) for r in rows if r["body"] is not None], last, len(rows))
+        return Page([parse(r) for r in rows if r["body"] is not None], last, len(rows))
 
     async def claim(self, conn: asyncpg.Connection, consumer: str, event_id: str) -> bool:
         """Mark ``event_id`` as handled by ``consumer``; False if it already was (a redelivery)."""

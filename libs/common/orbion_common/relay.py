@@ -2,9 +2,10 @@
 
 A handler appends the events it decides in its own transaction; the relay follows the log
 (:meth:`EventStore.read_after`), publishes each event with ``Nats-Msg-Id`` = its event id, and
-moves its cursor only after JetStream acked. A crash between the publish and the cursor write
-publishes again on restart: JetStream drops the repeat inside its duplicate window, and
-consumers dedupe on the event id beyond it.
+moves its cursor only after JetStream acked. While it leads, a relay keeps its cursor
+in memory and writes it at most once a ``checkpoint_seconds`` (and when it stops leading): a
+crash publishes again, on restart, what it published since the last write. JetStream drops
+those repeats inside its duplicate window, and consumers dedupe on the event id beyond it.
 
 A store may also keep copies of events the service consumed (its history is rebuilt from them);
 ``publish_types`` names the types the service owns, and the relay moves past the others without
@@ -19,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Collection
 
 import asyncpg
@@ -45,6 +48,7 @@ class Relay:
         batch_size: int = 500,
         poll_seconds: float = 0.2,
         publish_types: Collection[str] | None = None,
+        checkpoint_seconds: float = 1.0,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -53,12 +57,15 @@ class Relay:
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.publish_types = frozenset(publish_types) if publish_types is not None else None
+        self.checkpoint_seconds = checkpoint_seconds
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.leader = False
-        # While leading, only this relay moves the cursor: the one it saved last is current,
-        # and reading it back before every batch would be a round trip for nothing.
+        # While leading, only this relay moves the cursor: the one in memory is current, and
+        # reading it back before every batch, or writing it after each, costs a round trip.
         self._cursor: Cursor | None = None
+        self._saved: Cursor | None = None
+        self._saved_at = -math.inf  # a term's first batch is written
 
     def wake(self) -> None:
         """Publish now rather than at the next poll (call after committing appended events)."""
@@ -84,7 +91,9 @@ class Relay:
                                 await self._sleep(self.poll_seconds)
                     finally:
                         self.leader = False
+                        await self._save_unsaved()
                         self._cursor = None
+                        self._saved_at = -math.inf
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, BusUnavailable) as exc:
@@ -97,17 +106,31 @@ class Relay:
             cursor = self._cursor if self.leader else None
             if cursor is None:
                 cursor = await self.store.cursor(conn, self.name)
-            page = await self.store.read_page(conn, cursor, self.publish_types, limit=self.batch_size)
+            page = await self.store.read_encoded_page(conn, cursor, self.publish_types, limit=self.batch_size)
             owned = page.events
             RELAY_LAG.labels(self.store.schema).set(len(owned))
             if owned:
                 await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
-            if page.read:
-                await self.store.save_cursor(conn, self.name, page.cursor)
             if self.leader:
                 self._cursor = page.cursor
+            now = time.monotonic()
+            if page.read and (not self.leader or now - self._saved_at >= self.checkpoint_seconds):
+                await self.store.save_cursor(conn, self.name, page.cursor)
+                self._saved, self._saved_at = page.cursor, now
         RELAYED.labels(self.store.schema).inc(len(owned))
         return page.read
+
+    async def _save_unsaved(self) -> None:
+        """Write the cursor in memory if it moved since the last write: the next leader, or
+        this relay after a restart, then starts where it stopped. Best effort: when the
+        database is what failed, that leader publishes the last events again instead."""
+        cursor = self._cursor
+        if cursor is None or cursor == self._saved:
+            return
+        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            async with asyncio.timeout(5), self.pool.acquire() as conn:
+                await self.store.save_cursor(conn, self.name, cursor)
+            self._saved = cursor
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

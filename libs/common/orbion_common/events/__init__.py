@@ -7,6 +7,7 @@ it to ``EVENT_TYPES`` below.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, TypeAlias, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -100,6 +101,18 @@ class UndecodableEvent(ValueError):
     """Bytes that are not a known, valid event. Never retried: dead-lettered as they are."""
 
 
+@dataclass(frozen=True)
+class EncodedEvent:
+    """An event already encoded as JSON (as an event store keeps it), with the envelope fields
+    a publish needs: a relay passes it on as it is, without parsing and encoding it again."""
+
+    event_id: str
+    type: str
+    stream_id: str
+    correlation_id: str
+    data: bytes
+
+
 def encode(event: Envelope) -> bytes:
     """The event as compact JSON bytes."""
     return event.__pydantic_serializer__.to_json(event)
@@ -128,6 +141,7 @@ __all__ = [
     "BreakerStateChanged",
     "ContactBlocked",
     "ContactFlaggedAsBot",
+    "EncodedEvent",
     "Envelope",
     "Event",
     "HumanVerificationFailed",
