@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import asyncpg
@@ -123,6 +123,10 @@ def create_app(settings: Settings, deps: AppDeps) -> FastAPI:
         since = active_since or now - timedelta(hours=24)
         if since.tzinfo is None:
             raise _unprocessable("active_since needs a UTC offset, e.g. 2026-11-28T12:00:00Z")
+        try:
+            since = since.astimezone(UTC)
+        except OverflowError:
+            raise _unprocessable("active_since is out of range once in UTC") from None
         rows = await deps.projection.active_contacts(deps.pool, since, limit, _contact_cursor(cursor))
         last = rows[-1] if len(rows) == limit else None
         return {

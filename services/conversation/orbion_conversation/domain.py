@@ -13,7 +13,7 @@ import base64
 import binascii
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from orbion_common import optout
@@ -452,8 +452,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         created_at = datetime.fromisoformat(at)
         if created_at.tzinfo is None:
             raise ValueError("naive timestamp")
-        return created_at, int(pos)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        return created_at.astimezone(UTC), int(pos)  # OverflowError: no such time in UTC
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise BadCursor("cursor is not one this API returned (use next_cursor as given)") from exc
 
 
@@ -469,8 +469,8 @@ def decode_contact_cursor(cursor: str) -> tuple[datetime, str]:
         created_at = datetime.fromisoformat(at)
         if created_at.tzinfo is None or not phone.isdigit():
             raise ValueError("bad cursor")
-        return created_at, phone
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        return created_at.astimezone(UTC), phone  # OverflowError: no such time in UTC
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise BadCursor("cursor is not one this API returned (use next_cursor as given)") from exc
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -376,7 +376,7 @@ class Projection:
         before: tuple[datetime, str] | None,
     ) -> list[ContactSummary]:
         """Contacts active since ``since``, most recent first, strictly before the cursor."""
-        far = datetime.max.replace(tzinfo=since.tzinfo)
+        far = datetime.max.replace(tzinfo=UTC)  # in another offset it may not exist in UTC
         at, phone = before if before is not None else (far, "\uffff")
         return [contact_summary(r) for r in await conn.fetch(self._contacts_page, since, at, phone, limit)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -68,6 +69,10 @@ async def test_unknown_phone_is_404(http: httpx.AsyncClient) -> None:
     assert r.json()["error"]["type"] == "not_found"
 
 
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("path", "params", "needle"),
     [
@@ -77,6 +82,10 @@ async def test_unknown_phone_is_404(http: httpx.AsyncClient) -> None:
         ("/api/conversations/not-a-phone/messages", {}, "phone"),
         ("/api/conversations", {"active_since": "yesterday"}, "active_since"),
         ("/api/conversations", {"cursor": "nope"}, "cursor"),
+        # Times that exist only in their own offset: in UTC they fall outside the calendar.
+        ("/api/conversations", {"active_since": "0001-01-01T00:00:00+05:00"}, "active_since"),
+        ("/api/conversations", {"cursor": _b64("0001-01-01T00:00:00+05:00|5511")}, "cursor"),
+        ("/api/conversations/5511999990000/messages", {"before": _b64("0001-01-01T00:00+05:00|1")}, "cursor"),
     ],
 )
 async def test_bad_input_is_422_with_a_clear_message(
@@ -97,6 +106,17 @@ async def test_active_contacts_are_listed_most_recent_first(deps: Deps, http: ht
     assert phones.index(b) < phones.index(a)
     contact = (await http.get(f"/api/conversations/{a}")).json()
     assert contact["message_count"] == 1 and contact["inbound_count"] == 1
+
+
+async def test_active_contacts_are_listed_since_a_time_given_with_any_offset(
+    deps: Deps, http: httpx.AsyncClient
+) -> None:
+    phone = new_phone()
+    await seed(deps, phone, 1)
+    for since in ("2026-11-28T06:59:00-05:00", "2026-11-28T20:59:00+09:00"):
+        r = await http.get("/api/conversations", params={"active_since": since, "limit": "100"})
+        assert r.status_code == 200, r.text
+        assert phone in [c["phone"] for c in r.json()["contacts"]]
 
 
 async def test_active_contacts_paginate_without_gaps(deps: Deps, http: httpx.AsyncClient) -> None:

@@ -169,3 +169,23 @@ def test_webhook_by_events_names_are_understood() -> None:
     body = load_fixture("evolution_text")["webhook"]
     body["event"] = "MESSAGES_UPSERT"
     assert len(evolution.parse(body).messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("date_time", "expected"),
+    [
+        ("2024-06-06T09:51:37-03:00", "2024-06-06T12:51:37+00:00"),  # kept, in UTC
+        ("0001-01-01T00:00:00+05:00", None),  # no such time in UTC: the receipt time instead
+    ],
+)
+def test_an_evolution_status_time_is_kept_in_utc_or_replaced_when_it_cannot_be(
+    date_time: str, expected: str | None
+) -> None:
+    body = load_fixture("evolution_status_v2")["webhook"]
+    body["date_time"] = date_time
+    changed_at = evolution.parse(body).statuses[0].payload.changed_at
+    assert changed_at.utcoffset() is not None and not changed_at.utcoffset()
+    if expected is not None:
+        assert changed_at.isoformat() == expected
+    else:
+        assert changed_at.year >= 2026

@@ -62,8 +62,8 @@ class PageCursor:
             raw = base64.urlsafe_b64decode(token.encode()).decode()
             when, phone = raw.split("|", 1)
             at = datetime.fromisoformat(when)
-            return cls(at if at.tzinfo else at.replace(tzinfo=UTC), phone)
-        except (ValueError, UnicodeDecodeError) as exc:
+            return cls(at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC), phone)
+        except (ValueError, UnicodeDecodeError, OverflowError) as exc:  # Overflow: no such time in UTC
             raise ValueError("invalid cursor") from exc
 
 

@@ -122,6 +122,9 @@ async def test_bad_filters_and_cursors_are_refused(client: httpx.AsyncClient) ->
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_cursor"
     crafted = base64.urlsafe_b64encode(b"2026-01-01T00:00:00|5511").decode()  # no time zone
     assert (await client.get("/api/leads", params={"cursor": crafted}, headers=AUTH)).status_code == 200
+    beyond = base64.urlsafe_b64encode(b"0001-01-01T00:00:00+05:00|5511").decode()  # not a time in UTC
+    out_of_range = await client.get("/api/leads", params={"cursor": beyond}, headers=AUTH)
+    assert out_of_range.status_code == 400 and out_of_range.json()["error"]["type"] == "invalid_cursor"
 
 
 async def test_the_audit_trail_lists_the_leads_events_in_order(
