@@ -150,7 +150,13 @@ async def build(
     cache = lead_cache(
         redis, prefix=cache_prefix or settings.lead_cache_prefix, ttl_seconds=settings.lead_cache_ttl_seconds
     )
-    recorder = LeadRecorder(pool, store, cache, on_commit=relay.wake if relay is not None else None)
+    recorder = LeadRecorder(
+        pool,
+        store,
+        cache,
+        on_commit=relay.wake if relay is not None else None,
+        commit_interval=settings.lead_commit_interval_seconds,
+    )
     consumers = LeadConsumers(recorder, settings.policy(), consumer=durable)
     return Service(settings, pool, store, recorder, consumers, redis, bus, relay, durable)
 

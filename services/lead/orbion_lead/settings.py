@@ -8,6 +8,7 @@ from orbion_common.optout import OptInRule
 from orbion_common.settings import CommonSettings
 
 from .domain import VERIFICATION_QUESTION, Policy
+from .recorder import COMMIT_INTERVAL_SECONDS
 
 
 class Settings(CommonSettings):
@@ -62,6 +63,13 @@ class Settings(CommonSettings):
     rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the rate limiter.")
     lead_consumer_batch: int = Field(
         256, ge=1, description="Events fetched per batch by the lead consumer (recorded in one transaction)."
+    )
+    lead_commit_interval_seconds: float = Field(
+        COMMIT_INTERVAL_SECONDS,
+        ge=0,
+        description="Under load, the lead records what arrived in one transaction at most this often "
+        "(after a quiet spell, at once): longer means fewer transactions and a lead view that lags "
+        "by up to this much. Replies do not wait for it.",
     )
 
     def policy(self) -> Policy:

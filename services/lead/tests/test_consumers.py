@@ -7,14 +7,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from lead_builders import at, inbound, new_phone, reply, sent
+from lead_builders import at, inbound, lead_settings, new_phone, reply, sent
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from redis.asyncio import Redis
 
 from orbion_common.events import EVENTS_BY_NAME, Envelope
 from orbion_lead import domain
-from orbion_lead.bootstrap import Service
+from orbion_lead.bootstrap import Service, build
 from orbion_lead.rebuild import rebuild
 from orbion_lead.recorder import LeadRecorder, lead_cache
 
@@ -282,9 +282,19 @@ async def test_each_input_of_a_group_stores_its_events_in_its_own_trace(
 
 
 async def test_a_busy_recorder_commits_at_most_once_per_interval_and_an_idle_one_at_once(
-    service: Service, schema: str
+    pg_url: str, schema: str
 ) -> None:
-    recorder = LeadRecorder(service.pool, service.store, commit_interval=1.0)
+    service = await build(
+        lead_settings(pg_url, lead_commit_interval_seconds=1.0), schema=schema, with_bus=False
+    )
+    try:
+        await _commits_at_most_once_per_interval(service, schema)
+    finally:
+        await service.stop()
+
+
+async def _commits_at_most_once_per_interval(service: Service, schema: str) -> None:
+    recorder = service.recorder
     phones = [new_phone() for _ in range(3)]
 
     def first_message(phone: str) -> Callable[[domain.Lead], list[Envelope]]:
