@@ -20,16 +20,15 @@ submitted first). Writers that store a trace context per item capture it in ``su
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import asyncpg
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import Counter, Histogram
 
 from orbion_common.eventstore import ConcurrencyError
+from orbion_common.telemetry import background_task
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +75,16 @@ class GroupCommit(Generic[T, R]):
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, done))
         if self._flusher is None or self._flusher.done():
-            # A fresh context: the flusher must not run inside the first submitter's span.
-            self._flusher = asyncio.create_task(
-                self._flush(), name=f"group-commit:{self.name}", context=contextvars.Context()
-            )
+            # Untraced: the flusher must not run inside the first submitter's span.
+            self._flusher = background_task(self._flush(), name=f"group-commit:{self.name}")
         return await done
 
     async def _flush(self) -> None:
-        with suppress_instrumentation():
-            await asyncio.sleep(0)  # let the other handlers of the same bus batch join
-            # No await between the last check and returning: a later submit starts a new flusher.
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                await self._run(batch)
+        await asyncio.sleep(0)  # let the other handlers of the same bus batch join
+        # No await between the last check and returning: a later submit starts a new flusher.
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            await self._run(batch)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         BATCH_SIZE.labels(self.name).observe(len(batch))
