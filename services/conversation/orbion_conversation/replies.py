@@ -266,15 +266,25 @@ async def emit_many(
 
 
 def next_round_in(
-    due_in: float | None, *, since_last: float, round_seconds: float, poll_seconds: float
+    due_in: float | None, *, last_took: float, round_seconds: float, poll_seconds: float
 ) -> float:
-    """Seconds until the scheduler's next round: when the earliest burst is due (``due_in``;
-    None: none waiting, poll), but rounds start at least ``round_seconds`` apart while bursts
-    keep coming due, so that one round's few statements take many of them. The spacing counts
-    from the last round's start (``since_last`` ago): a burst due after it is emitted on time."""
+    """Seconds from the end of a round that took ``last_took`` to the next one: when the
+    earliest burst is due (``due_in``; None: none waiting, poll). While bursts keep coming due,
+    rounds start at least twice the last one's duration apart, and never need to wait more than
+    ``round_seconds`` start to start: a quick round on an idle machine is followed as soon as
+    the next burst is due, while slow rounds on a busy one each take many bursts in a few
+    statements."""
     if due_in is None:
         return poll_seconds
-    return min(poll_seconds, max(due_in, round_seconds - since_last, 0.0))
+    spacing = min(round_seconds, 2 * last_took)
+    return min(poll_seconds, max(due_in, spacing - last_took, 0.0))
+
+
+@dataclass(frozen=True)
+class Round:
+    emitted: int  # ReplyRequested appended
+    waiting: int  # bursts still in the queue
+    next_due: datetime | None  # the earliest due time among them
 
 
 class ReplyScheduler:
@@ -311,33 +321,36 @@ class ReplyScheduler:
 
     async def emit_due(self, now: datetime | None = None) -> int:
         """Emit every burst due at ``now`` (up to ``batch_size``); returns how many ReplyRequested
-        were appended.
+        were appended."""
+        return (await self._round(now or utcnow())).emitted
 
-        One short transaction of a few statements for the whole round: claim the due rows
-        (``SKIP LOCKED``: another replica's are left to it), decide, append, project and delete
-        them all at once. If that fails (a contact's stream moved meanwhile: a late inbound, a
-        lead event), each burst is decided again alone, in a transaction of its own.
+    async def _round(self, now: datetime) -> Round:
+        """One short transaction of a few statements for the whole round: take the due rows out
+        of the queue (``SKIP LOCKED``: another replica's are left to it), decide, append and
+        project them all at once. If that fails (a contact's stream moved meanwhile: a late
+        inbound, a lead event), the rows are back and each burst is decided again alone, in a
+        transaction of its own.
         """
-        now = now or utcnow()
-        rows: list[PendingRow] = []
+        taken = store.DueRound([], 0, None)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                rows = await store.claim_due(conn, now, self.batch_size)  # lock order: pending rows first
-                if not rows:
-                    return 0
-                stored = await emit_many(conn, self.ctx, rows)
-                await store.delete_pending_many(conn, [r.reply.phone for r in rows])
+                taken = await store.take_due(conn, now, self.batch_size)  # lock order: pending rows first
+                if not taken.rows:
+                    return Round(0, taken.waiting, taken.next_due)
+                stored = await emit_many(conn, self.ctx, taken.rows)
         except (ConcurrencyError, asyncpg.PostgresError) as exc:
-            if not rows:
+            if not taken.rows:
                 raise
-            log.info("reply round of %d failed (%r); deciding each burst alone", len(rows), exc)
-            return await self._emit_each([r.reply.phone for r in rows], now)
-        by_phone = {r.reply.phone: r for r in rows}
+            log.info("reply round of %d failed (%r); deciding each burst alone", len(taken.rows), exc)
+            emitted = await self._emit_each([r.reply.phone for r in taken.rows], now)
+            # Bursts left over (their stream moved again) are due already: the next round soon.
+            return Round(emitted, taken.waiting + len(taken.rows) - emitted, now)
+        by_phone = {r.reply.phone: r for r in taken.rows}
         for s in stored:
             self._emitted(by_phone[s.event.stream_id])
         if stored:
             self.on_emitted()
-        return len(stored)
+        return Round(len(stored), taken.waiting, taken.next_due)
 
     async def _emit_each(self, phones: Sequence[str], now: datetime) -> int:
         limit = asyncio.Semaphore(max(1, self.concurrency))
@@ -380,25 +393,24 @@ class ReplyScheduler:
         while not self._stopping.is_set():
             started = loop.time()
             try:
-                emitted = await self.emit_due()
-                waiting, due = await store.pending_summary(self.pool)
-                PENDING.set(waiting)
+                done = await self._round(utcnow())
+                PENDING.set(done.waiting)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("reply scheduler paused: %r", exc)
-                emitted, due = 0, None
-            if emitted >= self.batch_size:
+                done = Round(0, 0, None)
+            if done.emitted >= self.batch_size:
                 continue  # a backlog: the next round at once
             wait = next_round_in(
-                None if due is None else (due - utcnow()).total_seconds(),
-                since_last=loop.time() - started,
+                None if done.next_due is None else (done.next_due - utcnow()).total_seconds(),
+                last_took=loop.time() - started,
                 round_seconds=self.round_seconds,
                 poll_seconds=self.poll_seconds,
             )
             # The consumer's wake-up says a burst was saved, due a quiet period from now: it
             # matters only when none was waiting (a known due time is always the earlier one).
-            woken = self._wake if due is None else self._stopping
+            woken = self._wake if done.next_due is None else self._stopping
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=wait)
             self._wake.clear()

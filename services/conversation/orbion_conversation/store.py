@@ -459,19 +459,36 @@ async def delete_pending_many(conn: asyncpg.Connection, phones: Sequence[str]) -
     return int(status.split()[-1])
 
 
-async def claim_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[PendingRow]:
-    """Due rows, locked; rows another replica is emitting right now are skipped, not waited for."""
-    rows = await conn.fetch(
-        f"""SELECT {_PENDING_COLUMNS} FROM pending_replies WHERE due_at <= $1
-            ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
+@dataclass(frozen=True)
+class DueRound:
+    """A scheduler round's claim: the due rows it took, and what still waits."""
+
+    rows: list[PendingRow]  # earliest due first
+    waiting: int  # rows left in the queue, taken ones excluded
+    next_due: datetime | None  # the earliest due time among them
+
+
+async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRound:
+    """Take the due rows out of the queue, in the caller's transaction: a rollback puts them
+    back. Rows another replica is emitting right now are skipped, not waited for.
+
+    One statement for the claim, the delete and the queue's summary (a round used three).
+    """
+    records = await conn.fetch(
+        f"""WITH due AS (
+                SELECT phone FROM pending_replies WHERE due_at <= $1
+                ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED
+            ), taken AS (
+                DELETE FROM pending_replies p USING due WHERE p.phone = due.phone
+                RETURNING {", ".join(f"p.{c.strip()}" for c in _PENDING_COLUMNS.split(","))}
+            ), rest AS (  -- the statement's snapshot still holds the taken rows
+                SELECT (SELECT count(*) FROM pending_replies) - (SELECT count(*) FROM taken) AS waiting,
+                       (SELECT due_at FROM pending_replies WHERE phone NOT IN (SELECT phone FROM taken)
+                        ORDER BY due_at LIMIT 1) AS next_due
+            )
+            SELECT rest.waiting, rest.next_due, taken.* FROM rest LEFT JOIN taken ON true""",
         now,
         limit,
     )
-    return [_pending(r) for r in rows]
-
-
-async def pending_summary(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, datetime | None]:
-    """How many replies wait, and the earliest due time."""
-    row = await conn.fetchrow("SELECT count(*) AS n, min(due_at) AS due FROM pending_replies")
-    assert row is not None
-    return int(row["n"]), row["due"]
+    rows = sorted((_pending(r) for r in records if r["phone"] is not None), key=lambda r: r.reply.due_at)
+    return DueRound(rows, int(records[0]["waiting"]), records[0]["next_due"])

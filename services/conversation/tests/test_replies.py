@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 from redis.asyncio import Redis
 
 from orbion_common.events import Event, ReplyRequested, utcnow
 from orbion_common.eventstore import EventStore
-from orbion_conversation import domain, projector
+from orbion_conversation import domain, projector, store
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.replies import ReplyContext, ReplyScheduler, next_round_in
-from orbion_conversation.store import Projection
+from orbion_conversation.store import PendingRow, Projection
 
 from .builders import generated, inbound, new_phone, opted_out, verification_passed, verification_requested
 from .conftest import make_deps
@@ -269,18 +270,54 @@ async def test_a_round_where_one_stream_moved_still_emits_the_others(
         assert len(await reply_requests(deps, phone)) == 1
 
 
+async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_round_puts_them_back(
+    pool: asyncpg.Pool, schema: str
+) -> None:
+    now = utcnow()
+    due = [new_phone() for _ in range(2)]
+    later = new_phone()
+
+    def row(phone: str, due_at: datetime) -> PendingRow:
+        return PendingRow(domain.PendingReply(phone, (f"wamid.{phone}",), due_at), "corr", "cause")
+
+    rows = [row(due[1], now - timedelta(seconds=1)), row(due[0], now - timedelta(seconds=2))]
+    async with pool.acquire() as conn:
+        await store.save_pending_many(conn, [*rows, row(later, now + timedelta(seconds=10))])
+
+        class Crash(Exception):
+            pass
+
+        with contextlib.suppress(Crash):
+            async with conn.transaction():
+                taken = await store.take_due(conn, now, 10)
+                assert [r.reply.phone for r in taken.rows] == due  # earliest due first
+                assert (taken.waiting, taken.next_due) == (1, now + timedelta(seconds=10))  # the rest
+                raise Crash  # the round fails before its requests commit
+        assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 3  # nothing lost
+
+        async with conn.transaction():
+            assert len((await store.take_due(conn, now, 10)).rows) == 2
+        assert await conn.fetchval("SELECT array_agg(phone) FROM pending_replies") == [later]
+        empty = await store.take_due(conn, now, 10)
+        assert (empty.rows, empty.waiting, empty.next_due) == ([], 1, now + timedelta(seconds=10))
+
+
 def test_a_burst_due_after_the_round_spacing_is_emitted_when_due_not_a_spacing_later() -> None:
-    # The last round started 30 ms ago; the next burst is due in 3 ms: then, not 20 ms from now.
-    assert next_round_in(0.003, since_last=0.03, round_seconds=0.02, poll_seconds=0.25) == 0.003
+    # A round that took 5 ms; the next burst is due in 12 ms: then, not 20 ms from now.
+    assert next_round_in(0.012, last_took=0.005, round_seconds=0.02, poll_seconds=0.25) == 0.012
 
 
-def test_rounds_start_at_least_the_spacing_apart_while_bursts_keep_coming_due() -> None:
-    # Overdue bursts right after a round that started 5 ms ago wait for the rest of the 20 ms.
-    assert round(next_round_in(-0.01, since_last=0.005, round_seconds=0.02, poll_seconds=0.25), 6) == 0.015
+def test_rounds_start_at_least_twice_the_last_rounds_duration_apart_while_bursts_keep_coming_due() -> None:
+    # Overdue bursts after a quick round (2 ms, an idle machine) wait only 2 ms more...
+    assert round(next_round_in(-0.01, last_took=0.002, round_seconds=0.02, poll_seconds=0.25), 6) == 0.002
+    # ... and after a slower one (8 ms, a busy machine), 8 ms, so that the next takes more of them.
+    assert round(next_round_in(-0.01, last_took=0.008, round_seconds=0.02, poll_seconds=0.25), 6) == 0.008
+    # Rounds start at most the spacing apart: after a 15 ms round, 5 ms more.
+    assert round(next_round_in(-0.01, last_took=0.015, round_seconds=0.02, poll_seconds=0.25), 6) == 0.005
     # A round that took longer than the spacing is followed at once.
-    assert next_round_in(-0.01, since_last=0.05, round_seconds=0.02, poll_seconds=0.25) == 0.0
+    assert next_round_in(-0.01, last_took=0.05, round_seconds=0.02, poll_seconds=0.25) == 0.0
 
 
 def test_with_no_burst_waiting_or_a_far_one_the_scheduler_polls() -> None:
-    assert next_round_in(None, since_last=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
-    assert next_round_in(10.0, since_last=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
+    assert next_round_in(None, last_took=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
+    assert next_round_in(10.0, last_took=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
