@@ -22,12 +22,13 @@ from orbion_common.events import MessageReceived, MessageSent, MessageStatusChan
 from orbion_common.eventstore import StoredEvent
 
 from .domain import ContactSummary, MessageItem
-from .store import CONTACT_COLUMNS, Projection, SentResult, StatusRow, contact_summary
+from .store import CONTACT_COLUMNS, Projection, SentResult, StatusRow, contact_summary, json_rows
 
 _ROW_COLUMNS = (
     "message_key, phone, direction, kind, text, status, status_at, error, created_at, position, "
     "provider_message_id, reply_key"
 )
+_ROW_NAMES = tuple(c.strip() for c in _ROW_COLUMNS.split(","))
 
 
 @dataclass
@@ -240,11 +241,11 @@ class BatchProjection(Projection):
             await conn.execute(f"DELETE FROM {m} WHERE message_key = ANY($1)", sorted(self._deleted))
         if self._dirty:
             cols = _ROW_COLUMNS
-            updates = ", ".join(f"{c} = excluded.{c}" for c in [x.strip() for x in cols.split(",")][1:])
-            await conn.executemany(
-                f"INSERT INTO {m} ({cols}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-                f"ON CONFLICT (message_key) DO UPDATE SET {updates}",
-                [self.rows[k].values() for k in sorted(self._dirty, key=lambda k: self.rows[k].position)],
+            updates = ", ".join(f"{c} = excluded.{c}" for c in _ROW_NAMES[1:])
+            await conn.execute(
+                f"INSERT INTO {m} ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{m}, $1::jsonb) "
+                f"ORDER BY position ON CONFLICT (message_key) DO UPDATE SET {updates}",
+                json_rows(_ROW_NAMES, (self.rows[k].values() for k in self._dirty)),
             )
         if self._new_parts:
             await conn.executemany(

@@ -11,7 +11,7 @@ tables with the very same SQL the live projector uses, then swap them in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -32,6 +32,16 @@ CONTACT_COLUMNS = (
     "last_inbound_at, last_outbound_at, last_activity_at, opted_out, blocked, handed_off, version, "
     "lead_stage, language, verification_pending, verified, verification_answer_ids"
 )
+
+
+_CONTACT_NAMES = tuple(c.strip() for c in CONTACT_COLUMNS.split(","))
+
+
+def json_rows(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Rows as one JSON array of objects, for ``jsonb_populate_recordset``: an upsert of many
+    rows in one statement, columns matched by name (an ``executemany`` runs once per row)."""
+    objects = [dict(zip(columns, row, strict=True)) for row in rows]
+    return orjson.dumps(objects, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 def message_item(row: asyncpg.Record) -> MessageItem:
@@ -180,7 +190,7 @@ class Projection:
         self._load_contact = f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = $1"
         self._save_contact = f"""
             INSERT INTO {c} ({CONTACT_COLUMNS})
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+            SELECT {CONTACT_COLUMNS} FROM jsonb_populate_recordset(NULL::{c}, $1::jsonb) ORDER BY phone
             ON CONFLICT (phone) DO UPDATE SET
                 profile_name = excluded.profile_name, message_count = excluded.message_count,
                 inbound_count = excluded.inbound_count, outbound_count = excluded.outbound_count,
@@ -363,10 +373,12 @@ class Projection:
         return {r["phone"]: contact_summary(r) for r in await conn.fetch(self._load_contacts, list(phones))}
 
     async def save_contact(self, conn: asyncpg.Connection, s: ContactSummary) -> None:
-        await conn.execute(self._save_contact, *_contact_row(s))
+        await self.save_contacts(conn, [s])
 
     async def save_contacts(self, conn: asyncpg.Connection, summaries: Sequence[ContactSummary]) -> None:
-        await conn.executemany(self._save_contact, [_contact_row(s) for s in summaries])
+        """Upsert contacts (each phone at most once) in one statement, locked in phone order."""
+        if summaries:
+            await conn.execute(self._save_contact, json_rows(_CONTACT_NAMES, map(_contact_row, summaries)))
 
     async def active_contacts(
         self,
