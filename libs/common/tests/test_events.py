@@ -90,3 +90,11 @@ def test_a_text_longer_than_whatsapp_allows_is_cut_and_flagged():
     assert event.payload.text_truncated
     assert len(encode(event)) < 1024 * 1024  # fits in one NATS message
     assert not inbound().payload.text_truncated
+
+
+def test_a_nul_character_is_dropped_from_an_event_and_the_rest_of_its_text_kept():
+    # Postgres stores a NUL neither in text nor in jsonb: kept, it made the event unstorable.
+    event = inbound("Oi\x00, quanto \\u0000 custa?\x00")
+    decoded = decode(encode(event))
+    assert decoded.payload.text == "Oi, quanto \\u0000 custa?"  # a written-out "\u0000" stays
+    assert decoded.event_id == event.event_id

@@ -129,6 +129,24 @@ async def test_inbound_on_the_bus_becomes_history_and_one_published_reply_reques
         await nc.close()
 
 
+async def test_a_message_with_a_nul_character_is_stored_without_it_not_lost(service: Service) -> None:
+    # Postgres holds a NUL neither in text nor in jsonb: the event failed in every consumer's
+    # store, was redelivered until dead-lettered, and the message never reached the history.
+    assert service.bus is not None
+    phone = new_phone()
+    await service.bus.publish(inbound(phone, f"wamid.{uuid.uuid4().hex}", "Oi\x00 tudo bem?"))
+    app = create_app(service.settings, app_deps(service))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+
+        async def stored() -> bool:
+            r = await http.get(f"/api/conversations/{phone}/messages")
+            return r.status_code == 200 and bool(r.json()["messages"])
+
+        await wait_for(stored)
+        body = (await http.get(f"/api/conversations/{phone}/messages")).json()
+    assert [m["text"] for m in body["messages"]] == ["Oi tudo bem?"]
+
+
 async def test_a_crash_between_commit_and_ack_is_redelivered_without_a_second_effect(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,8 +8,9 @@ it to ``EVENT_TYPES`` below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, TypeAlias, TypeVar
+from typing import Annotated, Any, TypeAlias, TypeVar
 
+import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
 from .envelope import Envelope, Payload, new_event_id, stable_event_id, utcnow
@@ -114,8 +115,26 @@ class EncodedEvent:
 
 
 def encode(event: Envelope) -> bytes:
-    """The event as compact JSON bytes."""
-    return event.__pydantic_serializer__.to_json(event)
+    """The event as compact JSON bytes, without NUL characters in its strings.
+
+    Postgres can hold a NUL neither in ``text`` nor in ``jsonb``: one in a message's text made
+    the event unstorable in every consumer's event store, redelivered until dead-lettered, and
+    the message was lost. Only the NULs go; the rest of the text is kept.
+    """
+    data = event.__pydantic_serializer__.to_json(event)
+    if b"\\u0000" in data:  # rare: found in the bytes, removed from the values
+        data = orjson.dumps(_without_nul(event.__pydantic_serializer__.to_python(event, mode="json")))
+    return data
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def decode(data: bytes | str) -> Event:
