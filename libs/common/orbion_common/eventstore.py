@@ -25,7 +25,7 @@ from typing import Generic, NamedTuple, TypeVar
 import asyncpg
 import orjson
 from opentelemetry import propagate
-from opentelemetry.context import Context
+from opentelemetry.context import Context, get_current
 
 from .events import EncodedEvent, Envelope, Event, decode, encode
 
@@ -105,6 +105,12 @@ def trace_context(context: Context | None = None) -> str | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=context)
     return orjson.dumps(carrier).decode() if carrier else None
+
+
+def context_of(trace: str | None) -> Context:
+    """The current context joined to a trace context that :func:`trace_context` stored (as it
+    is without one): to append an event later in the trace of the message that asked for it."""
+    return propagate.extract(orjson.loads(trace)) if trace else get_current()
 
 
 class EventStore:

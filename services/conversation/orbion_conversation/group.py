@@ -179,12 +179,13 @@ class GroupCommit:
                     (w for w in fresh if w.event.event_id not in known), key=lambda w: w.event.stream_id
                 )
                 at = [versions[w.event.stream_id] + 1 for w in new]
+                traces = [w.context.run(trace_context) for w in new]  # each event in its own trace
                 # At the versions read above: a replica that appended to one of the streams
                 # meanwhile makes this raise ConcurrencyError, and the group is redone event by event.
                 positions = await ctx.store.append_at_versions(
                     conn,
                     [(w.event, v) for w, v in zip(new, at, strict=True)],
-                    [w.context.run(trace_context) for w in new],
+                    traces,
                     savepoint=False,  # a conflict ends this transaction: the events are redone alone
                 )
                 projection = BatchProjection(ctx.projection.suffix)
@@ -192,12 +193,17 @@ class GroupCommit:
                 await projection.load(conn, stored)
                 contacts: dict[str, ContactSummary] = {}
                 now = utcnow()
-                for work, s in zip(new, stored, strict=True):
+                for work, s, trace in zip(new, stored, traces, strict=True):
                     applied = await projector.apply(conn, projection, s, ctx.opt_in_rule, contacts)
                     outcomes[id(work)] = "projected"
                     if isinstance(work.event, MessageReceived):
                         decision = replies.decide_inbound(
-                            ctx, work.event, applied, pending.get(work.event.stream_id), now
+                            ctx,
+                            work.event,
+                            applied,
+                            pending.get(work.event.stream_id),
+                            now,
+                            trace,  # a scheduled reply continues it
                         )
                         decisions[id(work)] = decision
                         outcomes[id(work)] = decision.outcome

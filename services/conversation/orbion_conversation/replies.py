@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
+from opentelemetry import context as otel_context
 from prometheus_client import Counter, Gauge, Histogram
 
 from orbion_common.events import MessageReceived, ReplyRequested, utcnow
-from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent
+from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent, context_of, trace_context
 from orbion_common.logging import mask_phone
 
 from . import domain, projector, store
@@ -83,8 +84,10 @@ def decide_inbound(
     applied: projector.Applied,
     pending: PendingRow | None,
     now: datetime,
+    trace: str | None,
 ) -> InboundDecision:
-    """Decide about a newly projected inbound message, given the contact's locked pending row."""
+    """Decide about a newly projected inbound message, given the contact's locked pending row;
+    ``trace`` is the message's trace context (see ``eventstore.trace_context``)."""
     item = applied.new_message
     if item is None:
         return InboundDecision("duplicate")
@@ -104,7 +107,9 @@ def decide_inbound(
         timedelta(seconds=ctx.quiet_seconds),
     )
     correlation = event.correlation_id or event.event_id
-    return InboundDecision("scheduled", "scheduled", save=PendingRow(burst, correlation, event.event_id))
+    return InboundDecision(
+        "scheduled", "scheduled", save=PendingRow(burst, correlation, event.event_id, trace)
+    )
 
 
 async def on_inbound(
@@ -115,7 +120,7 @@ async def on_inbound(
     pending: PendingRow | None,
 ) -> str:
     """Decide about a newly projected inbound message and act on it; returns the outcome."""
-    decision = decide_inbound(ctx, event, applied, pending, utcnow())
+    decision = decide_inbound(ctx, event, applied, pending, utcnow(), trace_context())
     outcome = await ask(conn, ctx, event, decision.ask) if decision.ask else decision.outcome
     if decision.delete:
         await store.delete_pending(conn, event.stream_id)
@@ -256,7 +261,11 @@ async def emit_many(
     ]
     at = [versions[e.stream_id] + 1 for e in events]
     # No savepoint: a conflict ends the round's transaction (each burst is then decided alone).
-    positions = await ctx.store.append_at_versions(conn, list(zip(events, at, strict=True)), savepoint=False)
+    # Each request in the trace of its burst's last message, not in the scheduler's (none).
+    traces = [r.trace_context for r in asking]
+    positions = await ctx.store.append_at_versions(
+        conn, list(zip(events, at, strict=True)), traces, savepoint=False
+    )
     stored = [StoredEvent(p, v, e) for e, v, p in zip(events, at, positions, strict=True)]
     touched = {e.stream_id: contacts[e.stream_id] for e in events}
     for s in stored:
@@ -376,9 +385,13 @@ class ReplyScheduler:
                 row = await store.load_pending(conn, phone)  # lock order: the pending row first
                 if row is None or row.reply.due_at > now:
                     return False  # emitted by another replica, or the contact wrote again meanwhile
-                stored = await emit(
-                    conn, self.ctx, phone, row.reply.inbound_ids, row.correlation_id, row.causation_id
-                )
+                joined = otel_context.attach(context_of(row.trace_context))  # the burst's trace
+                try:
+                    stored = await emit(
+                        conn, self.ctx, phone, row.reply.inbound_ids, row.correlation_id, row.causation_id
+                    )
+                finally:
+                    otel_context.detach(joined)
                 await store.delete_pending(conn, phone)
         except ConcurrencyError:
             return False  # the contact's stream moved (a late inbound): rolled back, next round

@@ -395,7 +395,7 @@ class Projection:
 
 # -- pending replies (a work queue, not a projection) ----------------------------------------
 
-_PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id"
+_PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id, trace_context"
 
 
 @dataclass(frozen=True)
@@ -403,6 +403,7 @@ class PendingRow:
     reply: PendingReply
     correlation_id: str
     causation_id: str
+    trace_context: str | None = None  # of the inbound message that last extended the burst
 
 
 def _pending(row: asyncpg.Record) -> PendingRow:
@@ -410,6 +411,7 @@ def _pending(row: asyncpg.Record) -> PendingRow:
         PendingReply(phone=row["phone"], inbound_ids=tuple(row["inbound_ids"]), due_at=row["due_at"]),
         row["correlation_id"],
         row["causation_id"],
+        row["trace_context"],
     )
 
 
@@ -442,18 +444,21 @@ async def save_pending_many(conn: asyncpg.Connection, rows: Sequence[PendingRow]
         return
     # inbound_ids travel as JSON: unnest would flatten an array of arrays.
     await conn.execute(
-        """INSERT INTO pending_replies (phone, inbound_ids, due_at, correlation_id, causation_id)
-           SELECT r.phone, ARRAY(SELECT jsonb_array_elements_text(r.ids::jsonb)), r.due_at, r.corr, r.cause
-           FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
-                AS r(phone, ids, due_at, corr, cause)
+        f"""INSERT INTO pending_replies ({_PENDING_COLUMNS})
+           SELECT r.phone, ARRAY(SELECT jsonb_array_elements_text(r.ids::jsonb)), r.due_at, r.corr, r.cause,
+                  r.trace
+           FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
+                AS r(phone, ids, due_at, corr, cause, trace)
            ORDER BY r.phone
            ON CONFLICT (phone) DO UPDATE SET inbound_ids = excluded.inbound_ids, due_at = excluded.due_at,
-               correlation_id = excluded.correlation_id, causation_id = excluded.causation_id""",
+               correlation_id = excluded.correlation_id, causation_id = excluded.causation_id,
+               trace_context = excluded.trace_context""",
         [p.reply.phone for p in rows],
         [orjson.dumps(p.reply.inbound_ids).decode() for p in rows],
         [p.reply.due_at for p in rows],
         [p.correlation_id for p in rows],
         [p.causation_id for p in rows],
+        [p.trace_context for p in rows],
     )
 
 

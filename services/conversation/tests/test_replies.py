@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import asyncpg
+import orjson
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 
 from orbion_common.events import Event, ReplyRequested, utcnow
-from orbion_common.eventstore import EventStore
+from orbion_common.eventstore import ConcurrencyError, EventStore
 from orbion_conversation import domain, projector, store
 from orbion_conversation.consumers import Deps, record_event
+from orbion_conversation.group import GroupCommit
 from orbion_conversation.replies import ReplyContext, ReplyScheduler, next_round_in
 from orbion_conversation.store import PendingRow, Projection
 
@@ -268,6 +275,51 @@ async def test_a_round_where_one_stream_moved_still_emits_the_others(
     assert await scheduler.emit_due(utcnow() + LATER) == 3
     for phone in phones:
         assert len(await reply_requests(deps, phone)) == 1
+
+
+@pytest.mark.parametrize("recorded", ["alone", "group"])
+@pytest.mark.parametrize("emitted", ["round", "each"])
+async def test_a_scheduled_reply_request_continues_the_trace_of_its_bursts_last_message(
+    pool: asyncpg.Pool, schema: str, redis: Redis, recorded: str, emitted: str
+) -> None:
+    """The scheduler runs in no trace: a request it appended used to start a trace of its own at
+    the llm-proxy, with its own sampling decision, so a sampled message's trace ended at the
+    conversation service nine times in ten."""
+    deps, scheduler = quiet_deps(pool, schema, redis)
+    phones = [new_phone() for _ in range(3)]
+    group = GroupCommit(deps)
+
+    async def traced(i: int, event: Event) -> str:
+        span = NonRecordingSpan(SpanContext(0x1000 + i, 0x2000 + i, False, TraceFlags(TraceFlags.SAMPLED)))
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            return await (group.record(event) if recorded == "group" else record_event(deps, event))
+        finally:
+            otel_context.detach(token)
+
+    # Each contact's burst: a first message, then the last one in the trace checked below.
+    for n, offset in ((1, 0x100), (2, 0)):
+        outcomes = await asyncio.gather(
+            *(traced(i + offset, inbound(p, f"wamid.{p}.{n}", "Oi", seconds=n)) for i, p in enumerate(phones))
+        )
+        assert outcomes == ["scheduled"] * 3
+
+    class _Moved(Projection):  # the round fails: each burst is then emitted alone
+        async def load_contacts(
+            self, conn: asyncpg.Connection, phones_: Sequence[str]
+        ) -> dict[str, domain.ContactSummary]:
+            raise ConcurrencyError("a stream moved")
+
+    if emitted == "each":
+        ctx = deps.ctx
+        scheduler = ReplyScheduler(pool, ReplyContext(ctx.store, _Moved(), ctx.history, ctx.quiet_seconds))
+    assert await scheduler.emit_due(utcnow() + LATER) == 3
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT stream_id, trace_context::text AS t FROM events WHERE type = 'ReplyRequested'"
+        )
+    traces = {r["stream_id"]: orjson.loads(r["t"])["traceparent"].split("-")[1] for r in rows}
+    assert traces == {p: f"{0x1000 + i:032x}" for i, p in enumerate(phones)}
 
 
 async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_round_puts_them_back(
