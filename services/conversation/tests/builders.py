@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+
+from opentelemetry import context, trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from orbion_common.events import (
     ContactBlocked,
@@ -118,3 +123,14 @@ def verification_failed(phone: str, answer: MessageReceived, attempt: int = 1) -
 def blocked(phone: str, cause: MessageReceived | None = None) -> ContactBlocked:
     payload = ContactBlockedPayload(phone=phone, reasons=["verification_failed"])
     return ContactBlocked.create(phone, payload, cause=cause)
+
+
+@contextlib.contextmanager
+def in_trace(trace_id: int) -> Iterator[None]:
+    """Run inside a sampled trace ``trace_id`` (as a bus handler runs in its message's trace)."""
+    span = NonRecordingSpan(SpanContext(trace_id, trace_id + 1, False, TraceFlags(TraceFlags.SAMPLED)))
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        yield
+    finally:
+        context.detach(token)

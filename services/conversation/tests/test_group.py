@@ -9,8 +9,6 @@ from datetime import timedelta
 import asyncpg
 import orjson
 import pytest
-from opentelemetry import context, trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 
 from orbion_common.events import Event, utcnow
@@ -20,7 +18,7 @@ from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.group import GroupCommit
 from orbion_conversation.store import Projection
 
-from .builders import generated, inbound, new_phone, sent
+from .builders import generated, in_trace, inbound, new_phone, sent
 from .conftest import make_deps
 
 
@@ -156,12 +154,8 @@ async def test_each_event_of_a_group_keeps_its_own_trace(
     group = GroupCommit(deps)
 
     async def traced(i: int, event: Event) -> str:
-        span = NonRecordingSpan(SpanContext(0x1000 + i, 0x2000 + i, False, TraceFlags(TraceFlags.SAMPLED)))
-        token = context.attach(trace.set_span_in_context(span))
-        try:
+        with in_trace(0x1000 + i):
             return await group.record(event)
-        finally:
-            context.detach(token)
 
     outcomes = await asyncio.gather(
         *(traced(i, inbound(p, f"wamid.{p}.t", "Oi")) for i, p in enumerate(phones))

@@ -10,9 +10,6 @@ from datetime import datetime, timedelta
 import asyncpg
 import orjson
 import pytest
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 
 from orbion_common.events import Event, ReplyRequested, utcnow
@@ -23,7 +20,15 @@ from orbion_conversation.group import GroupCommit
 from orbion_conversation.replies import ReplyContext, ReplyScheduler, next_round_in
 from orbion_conversation.store import PendingRow, Projection
 
-from .builders import generated, inbound, new_phone, opted_out, verification_passed, verification_requested
+from .builders import (
+    generated,
+    in_trace,
+    inbound,
+    new_phone,
+    opted_out,
+    verification_passed,
+    verification_requested,
+)
 from .conftest import make_deps
 
 QUIET = 1.5
@@ -290,12 +295,8 @@ async def test_a_scheduled_reply_request_continues_the_trace_of_its_bursts_last_
     group = GroupCommit(deps)
 
     async def traced(i: int, event: Event) -> str:
-        span = NonRecordingSpan(SpanContext(0x1000 + i, 0x2000 + i, False, TraceFlags(TraceFlags.SAMPLED)))
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
+        with in_trace(0x1000 + i):
             return await (group.record(event) if recorded == "group" else record_event(deps, event))
-        finally:
-            otel_context.detach(token)
 
     # Each contact's burst: a first message, then the last one in the trace checked below.
     for n, offset in ((1, 0x100), (2, 0)):
