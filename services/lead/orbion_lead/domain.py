@@ -363,6 +363,12 @@ class _Decision:
         self.lead = evolve(self.lead, event)
         self.meaningful = self.meaningful or meaningful
 
+    def create_if_new(self, profile_name: str = "") -> None:
+        """The lead's first event, whichever of its inputs comes first (a send may overtake
+        the inbound message that caused it)."""
+        if not self.lead.exists:
+            self.add(LeadCreated, LeadCreatedPayload(phone=self.lead.phone, profile_name=profile_name))
+
     def finish(self) -> Decision:
         if self.meaningful:
             snapshot = self.lead.snapshot().model_copy(update={"version": self.lead.version + 1})
@@ -382,8 +388,7 @@ def on_message_received(lead: Lead, msg: MessageReceived, policy: Policy = Polic
                 meaningful=False,
             )
         return _decided(d.events, d.lead)
-    if not lead.exists:
-        d.add(LeadCreated, LeadCreatedPayload(phone=lead.phone, profile_name=p.profile_name))
+    d.create_if_new(p.profile_name)
     text = _text_of(msg)
     _record_inbound(d, msg, text, policy)
     if d.lead.blocked:
@@ -412,8 +417,7 @@ def on_message_received(lead: Lead, msg: MessageReceived, policy: Policy = Polic
 def on_reply_generated(lead: Lead, reply: ReplyGenerated, policy: Policy = Policy()) -> Decision:
     """The LLM answered and extracted structured facts alongside its reply."""
     d = _Decision(lead, reply)
-    if not lead.exists:
-        d.add(LeadCreated, LeadCreatedPayload(phone=lead.phone))
+    d.create_if_new()
     if lead.blocked:
         return d.finish()
     facts = reply.payload.facts.model_dump()
@@ -435,8 +439,7 @@ def on_message_sent(lead: Lead, sent: MessageSent) -> Decision:
     """
     p = sent.payload
     d = _Decision(lead, sent)
-    if not lead.exists:
-        d.add(LeadCreated, LeadCreatedPayload(phone=lead.phone))
+    d.create_if_new()
     d.add(
         LeadActivityRecorded,
         _activity(lead.phone, "out", p.provider_message_id, "text", sent.occurred_at),
