@@ -275,17 +275,20 @@ async def emit_many(
 
 
 def next_round_in(
-    due_in: float | None, *, last_took: float, round_seconds: float, poll_seconds: float
+    due_in: float | None, *, last_took: float, last_emitted: int, round_seconds: float, poll_seconds: float
 ) -> float:
-    """Seconds from the end of a round that took ``last_took`` to the next one: when the
-    earliest burst is due (``due_in``; None: none waiting, poll). While bursts keep coming due,
-    rounds start at least twice the last one's duration apart, and never need to wait more than
-    ``round_seconds`` start to start: a quick round on an idle machine is followed as soon as
-    the next burst is due, while slow rounds on a busy one each take many bursts in a few
-    statements."""
+    """Seconds from the end of a round (it took ``last_took`` and emitted ``last_emitted``
+    bursts) to the next one: when the earliest burst is due (``due_in``; None: none waiting,
+    poll), but while bursts keep coming due, rounds start some spacing apart, start to start.
+
+    Bursts that come due faster than rounds run pile up between rounds: after a round that took
+    several, the spacing is ``round_seconds``, so that each round takes many bursts in its few
+    statements. After a round of one burst or none, waiting bought nothing, and the spacing is
+    only twice the round's duration: a burst is then emitted within a few milliseconds of its
+    due time instead of up to ``round_seconds`` later."""
     if due_in is None:
         return poll_seconds
-    spacing = min(round_seconds, 2 * last_took)
+    spacing = round_seconds if last_emitted > 1 else min(round_seconds, 2 * last_took)
     return min(poll_seconds, max(due_in, spacing - last_took, 0.0))
 
 
@@ -418,6 +421,7 @@ class ReplyScheduler:
             wait = next_round_in(
                 None if done.next_due is None else (done.next_due - utcnow()).total_seconds(),
                 last_took=loop.time() - started,
+                last_emitted=done.emitted,
                 round_seconds=self.round_seconds,
                 poll_seconds=self.poll_seconds,
             )

@@ -356,21 +356,36 @@ async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_r
 
 
 def test_a_burst_due_after_the_round_spacing_is_emitted_when_due_not_a_spacing_later() -> None:
-    # A round that took 5 ms; the next burst is due in 12 ms: then, not 20 ms from now.
-    assert next_round_in(0.012, last_took=0.005, round_seconds=0.02, poll_seconds=0.25) == 0.012
+    # A round of one burst that took 5 ms; the next burst is due in 12 ms: then, not 20 ms from now.
+    assert (
+        next_round_in(0.012, last_took=0.005, last_emitted=1, round_seconds=0.02, poll_seconds=0.25) == 0.012
+    )
 
 
-def test_rounds_start_at_least_twice_the_last_rounds_duration_apart_while_bursts_keep_coming_due() -> None:
-    # Overdue bursts after a quick round (2 ms, an idle machine) wait only 2 ms more...
-    assert round(next_round_in(-0.01, last_took=0.002, round_seconds=0.02, poll_seconds=0.25), 6) == 0.002
-    # ... and after a slower one (8 ms, a busy machine), 8 ms, so that the next takes more of them.
-    assert round(next_round_in(-0.01, last_took=0.008, round_seconds=0.02, poll_seconds=0.25), 6) == 0.008
-    # Rounds start at most the spacing apart: after a 15 ms round, 5 ms more.
-    assert round(next_round_in(-0.01, last_took=0.015, round_seconds=0.02, poll_seconds=0.25), 6) == 0.005
+def test_after_a_round_of_one_burst_the_next_waits_only_as_long_as_the_round_took() -> None:
+    def wait(took: float, emitted: int) -> float:
+        return round(
+            next_round_in(-0.01, last_took=took, last_emitted=emitted, round_seconds=0.02, poll_seconds=0.25),
+            6,
+        )
+
+    # Overdue bursts after a quick round (2 ms) wait 2 ms more, after a slower one (8 ms) 8 ms...
+    assert wait(0.002, 1) == 0.002
+    assert wait(0.008, 0) == 0.008
+    # ... and never more than the spacing, start to start: after a 15 ms round, 5 ms more.
+    assert wait(0.015, 1) == 0.005
+
+
+def test_after_a_round_of_several_bursts_rounds_start_the_full_spacing_apart() -> None:
+    # Bursts pile up between rounds (a busy system): each round should take many of them.
+    assert (
+        round(next_round_in(-0.01, last_took=0.002, last_emitted=3, round_seconds=0.02, poll_seconds=0.25), 6)
+        == 0.018
+    )
     # A round that took longer than the spacing is followed at once.
-    assert next_round_in(-0.01, last_took=0.05, round_seconds=0.02, poll_seconds=0.25) == 0.0
+    assert next_round_in(-0.01, last_took=0.05, last_emitted=3, round_seconds=0.02, poll_seconds=0.25) == 0.0
 
 
 def test_with_no_burst_waiting_or_a_far_one_the_scheduler_polls() -> None:
-    assert next_round_in(None, last_took=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
-    assert next_round_in(10.0, last_took=0.0, round_seconds=0.02, poll_seconds=0.25) == 0.25
+    assert next_round_in(None, last_took=0.0, last_emitted=0, round_seconds=0.02, poll_seconds=0.25) == 0.25
+    assert next_round_in(10.0, last_took=0.0, last_emitted=1, round_seconds=0.02, poll_seconds=0.25) == 0.25
