@@ -383,10 +383,7 @@ async def bench_live(
         relayed.append((time.time(), event))
 
     await bus.nc.subscribe(f"{bus.root}.events.ReplyRequested.*", cb=on_reply)
-    service = build(
-        settings, pool, schema=schema, redis=redis, bus=bus, cache_prefix=f"bench:{schema}:live",
-        consumer_name="conversation-bench",
-    )  # fmt: skip
+    service = build(settings, pool, schema=schema, redis=redis, bus=bus, cache_prefix=f"bench:{schema}:live")
     service.start("conversation-bench")
     publisher = multiprocessing.get_context("spawn").Process(
         target=publish_plan, args=(nats_url, stream, events, rate), daemon=True

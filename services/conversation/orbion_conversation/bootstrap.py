@@ -98,7 +98,6 @@ def build(
     redis: Redis | None = None,
     bus: Bus | None = None,
     cache_prefix: str | None = None,
-    consumer_name: str = SERVICE,
 ) -> Service:
     store = EventStore(schema)
     projection = Projection()
@@ -116,9 +115,7 @@ def build(
     scheduler = ReplyScheduler(
         pool, ctx, on_emitted=wake_relay, poll_seconds=settings.conversation_scheduler_poll_seconds
     )
-    deps = Deps(
-        pool=pool, ctx=ctx, consumer_name=consumer_name, wake_relay=wake_relay, wake_scheduler=scheduler.wake
-    )
+    deps = Deps(pool=pool, ctx=ctx, wake_relay=wake_relay, wake_scheduler=scheduler.wake)
     return Service(settings, pool, deps, scheduler, redis=redis, bus=bus, relay=relay)
 
 

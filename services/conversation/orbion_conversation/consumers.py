@@ -1,12 +1,15 @@
-"""JetStream handler of the conversation service, one event at a time: claim, append, project,
+"""JetStream handler of the conversation service, one event at a time: append, project,
 decide, ack. ``group.GroupCommit`` records a bus batch's events together and falls back to this
 path for a group of one, or for each event of a group that failed.
 
 One durable consumer receives the message events (gateway, llm-proxy) and the lead
 service's events that hold or stop replies (opt-out/in, block, hand-off, human
-verification) or shape them (BANT stage). For each: claim it, append it to the contact's stream in our
-event store (its unique event id absorbs a webhook retried days later), project it, decide on
-a reply, all in ONE transaction; then write the history cache and wake the relay/scheduler.
+verification) or shape them (BANT stage). For each: append it to the contact's stream in our
+event store, project it, decide on a reply, all in ONE transaction; then write the history
+cache and wake the relay/scheduler. Every event consumed is appended, so its unique event id in
+our log is the mark of an event handled: a redelivery, or a webhook retried days later, is
+found there and changes nothing (a separate ``processed`` claim would be a second mark of the
+same fact, one statement more per event).
 
 Per-contact order with several replicas: the bus runs one contact's events of a batch in
 order; across replicas, each append takes the next version of the contact's stream, so two
@@ -54,7 +57,6 @@ CONSUMER = consumer_spec()
 class Deps:
     pool: asyncpg.Pool
     ctx: ReplyContext
-    consumer_name: str = CONSUMER.durable
     wake_relay: Callable[[], None] = lambda: None
     wake_scheduler: Callable[[], None] = lambda: None
 
@@ -66,13 +68,11 @@ async def record_event(deps: Deps, event: Event, delivery: Delivery | None = Non
         return "ignored"
     ctx = deps.ctx
     phone = event.stream_id
-    outcome = "duplicate"
     async with deps.pool.acquire() as conn, conn.transaction():
-        if await ctx.store.claim(conn, deps.consumer_name, event.event_id):
-            outcome = await _record(conn, ctx, event)
+        outcome = await _record(conn, ctx, event)
         snapshot = await ctx.projection.history_snapshot(conn, phone, ctx.history.size)
-    # After commit. A crash here means a redelivery, which claim() turns into "duplicate" and
-    # which writes the cache again (a stale version never replaces a newer one).
+    # After commit. A crash here means a redelivery, which the append finds in our log
+    # ("duplicate") and which writes the cache again (a stale version never replaces a newer one).
     if snapshot is not None:
         await ctx.history.write_through(phone, *snapshot)
     if outcome == "requested":
@@ -92,7 +92,7 @@ async def _record(conn: asyncpg.Connection, ctx: ReplyContext, event: Event) -> 
     # contact meanwhile makes this raise ConcurrencyError (nak, re-read after the winner).
     stored = await ctx.store.append(conn, phone, [event], savepoint=False)  # a conflict ends the transaction
     if not stored:
-        return "duplicate"  # already in our log (a provider retry under a new claim)
+        return "duplicate"  # already in our log: a redelivery, or a provider retry days later
     applied = await projector.apply(conn, ctx.projection, stored[0], ctx.opt_in_rule)
     if isinstance(event, MessageReceived):
         return await replies.on_inbound(conn, ctx, event, applied, pending)

@@ -3,14 +3,14 @@
 The bus runs a batch's events concurrently, one contact's one after the other. Each handler
 call hands its event to :class:`GroupCommit` and waits; the events gathered meanwhile (oldest
 first, at most one per contact, so a contact's order holds) are recorded in ONE transaction
-of a few set-based statements, whatever their number, instead of ~8 round trips each: claim
-them all, lock the pending rows of their contacts (phone order: two groups never
+of a few set-based statements, whatever their number, instead of ~8 round trips each: lock
+the pending rows of their contacts (phone order: two groups never
 deadlock), read every stream version, append them all at the next versions, project them with
 ``BatchProjection`` (the rebuild's in-memory projector, tested to match the live SQL), decide
 the replies, upsert and delete the pending rows, read every history snapshot. After the
 commit: the cache writes in one pipeline, then each call returns, so the bus acks each event
 only after the commit. A crash at any line before the commit leaves nothing (every event is
-redelivered); after it, the redeliveries are claimed already and change nothing.
+redelivered); after it, the redeliveries are in our log already and change nothing.
 
 A group of one, or a group that failed (another replica appended to one of its streams, a
 bad event, a Postgres error), goes through the one-event path (``consumers.record_event``),
@@ -164,62 +164,55 @@ class GroupCommit:
         outcomes = {id(w): "duplicate" for w in group}
         decisions: dict[int, InboundDecision] = {}
         async with deps.pool.acquire() as conn, conn.transaction():
-            claimed = await ctx.store.claim_many(conn, deps.consumer_name, [w.event.event_id for w in group])
-            fresh = [w for w in group if w.event.event_id in claimed]
-            if fresh:
-                # Lock order (replies.py): the pending rows first, then the streams. Of every
-                # contact, not only those with an inbound message: the scheduler appends to the
-                # streams whose rows it holds, and waiting for them here means never racing it.
-                pending = await store.lock_pending_many(conn, [w.event.stream_id for w in fresh])
-                versions = await ctx.store.stream_versions(conn, [w.event.stream_id for w in fresh])
-                # Already in our log: a provider retry under a new claim.
-                known = await ctx.store.stored_ids(conn, [w.event.event_id for w in fresh])
-                # By stream: the order the scheduler appends in too, so their row locks never deadlock.
-                new = sorted(
-                    (w for w in fresh if w.event.event_id not in known), key=lambda w: w.event.stream_id
-                )
-                at = [versions[w.event.stream_id] + 1 for w in new]
-                traces = [w.context.run(trace_context) for w in new]  # each event in its own trace
-                # At the versions read above: a replica that appended to one of the streams
-                # meanwhile makes this raise ConcurrencyError, and the group is redone event by event.
-                positions = await ctx.store.append_at_versions(
-                    conn,
-                    [(w.event, v) for w, v in zip(new, at, strict=True)],
-                    traces,
-                    savepoint=False,  # a conflict ends this transaction: the events are redone alone
-                )
-                projection = BatchProjection(ctx.projection.suffix)
-                stored = [StoredEvent(p, v, w.event) for w, v, p in zip(new, at, positions, strict=True)]
-                await projection.load(conn, stored)
-                contacts: dict[str, ContactSummary] = {}
-                now = utcnow()
-                for work, s, trace in zip(new, stored, traces, strict=True):
-                    applied = await projector.apply(conn, projection, s, ctx.opt_in_rule, contacts)
-                    outcomes[id(work)] = "projected"
-                    if isinstance(work.event, MessageReceived):
-                        decision = replies.decide_inbound(
-                            ctx,
-                            work.event,
-                            applied,
-                            pending.get(work.event.stream_id),
-                            now,
-                            trace,  # a scheduled reply continues it
-                        )
-                        decisions[id(work)] = decision
-                        outcomes[id(work)] = decision.outcome
-                await projection.flush(conn, contacts)
-                await store.delete_pending_many(
-                    conn, [w.event.stream_id for w in new if id(w) in decisions and decisions[id(w)].delete]
-                )
-                await store.save_pending_many(
-                    conn, [d.save for d in decisions.values() if d.save is not None]
-                )
-                for work in new:  # quiet period 0: the request in this transaction, in the event's trace
-                    ids = decisions[id(work)].ask if id(work) in decisions else ()
-                    if ids:
-                        assert isinstance(work.event, MessageReceived)
-                        ask = replies.ask(conn, ctx, work.event, ids)
-                        outcomes[id(work)] = await asyncio.create_task(ask, context=work.context)
+            # Lock order (replies.py): the pending rows first, then the streams. Of every
+            # contact, not only those with an inbound message: the scheduler appends to the
+            # streams whose rows it holds, and waiting for them here means never racing it.
+            pending = await store.lock_pending_many(conn, [w.event.stream_id for w in group])
+            versions = await ctx.store.stream_versions(conn, [w.event.stream_id for w in group])
+            # Already in our log: a redelivery, or a provider retry days later.
+            known = await ctx.store.stored_ids(conn, [w.event.event_id for w in group])
+            # By stream: the order the scheduler appends in too, so their row locks never deadlock.
+            new = sorted((w for w in group if w.event.event_id not in known), key=lambda w: w.event.stream_id)
+            at = [versions[w.event.stream_id] + 1 for w in new]
+            traces = [w.context.run(trace_context) for w in new]  # each event in its own trace
+            # At the versions read above: a replica that appended to one of the streams
+            # meanwhile makes this raise ConcurrencyError, and the group is redone event by event.
+            positions = await ctx.store.append_at_versions(
+                conn,
+                [(w.event, v) for w, v in zip(new, at, strict=True)],
+                traces,
+                savepoint=False,  # a conflict ends this transaction: the events are redone alone
+            )
+            projection = BatchProjection(ctx.projection.suffix)
+            stored = [StoredEvent(p, v, w.event) for w, v, p in zip(new, at, positions, strict=True)]
+            await projection.load(conn, stored)
+            contacts: dict[str, ContactSummary] = {}
+            now = utcnow()
+            for work, s, trace in zip(new, stored, traces, strict=True):
+                applied = await projector.apply(conn, projection, s, ctx.opt_in_rule, contacts)
+                outcomes[id(work)] = "projected"
+                if isinstance(work.event, MessageReceived):
+                    decision = replies.decide_inbound(
+                        ctx,
+                        work.event,
+                        applied,
+                        pending.get(work.event.stream_id),
+                        now,
+                        trace,  # a scheduled reply continues it
+                    )
+                    decisions[id(work)] = decision
+                    outcomes[id(work)] = decision.outcome
+            await projection.flush(conn, contacts)
+            await store.delete_pending_many(
+                conn, [w.event.stream_id for w in new if id(w) in decisions and decisions[id(w)].delete]
+            )
+            await store.save_pending_many(conn, [d.save for d in decisions.values() if d.save is not None])
+            for work in new:  # quiet period 0: the request in this transaction, in the event's trace
+                ids = decisions[id(work)].ask if id(work) in decisions else ()
+                if ids:
+                    assert isinstance(work.event, MessageReceived)
+                    ask = replies.ask(conn, ctx, work.event, ids)
+                    outcomes[id(work)] = await asyncio.create_task(ask, context=work.context)
             phones = [w.event.stream_id for w in group]
             snapshots = await ctx.projection.history_snapshots(conn, phones, ctx.history.size)
         return _Recorded(outcomes, decisions, snapshots)

