@@ -123,6 +123,7 @@ class EventStore:
         s = f'"{schema}"'
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.events WHERE stream_id = $1"
         self._sql_existing = f"SELECT event_id FROM {s}.events WHERE event_id = ANY($1::text[])"
+        self._sql_trace_of = f"SELECT trace_context::text FROM {s}.events WHERE event_id = $1"
         self._sql_version_and_existing = f"""
             SELECT coalesce((SELECT max(version) FROM {s}.events WHERE stream_id = $1), 0) AS version,
                    ARRAY(SELECT event_id FROM {s}.events WHERE event_id = ANY($2::text[])) AS existing"""
@@ -276,6 +277,11 @@ class EventStore:
     async def stored_ids(self, conn: asyncpg.Connection, event_ids: Sequence[str]) -> set[str]:
         """Those of ``event_ids`` that are already in the store."""
         return {r["event_id"] for r in await conn.fetch(self._sql_existing, list(event_ids))}
+
+    async def trace_context_of(self, conn: asyncpg.Connection, event_id: str) -> str | None:
+        """The trace context stored with an event (:func:`trace_context`'s form); None without."""
+        trace: str | None = await conn.fetchval(self._sql_trace_of, event_id)
+        return trace
 
     async def last_of_type_many(
         self, conn: asyncpg.Connection, stream_ids: Sequence[str], event_type: str

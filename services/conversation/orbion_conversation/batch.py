@@ -22,13 +22,21 @@ from orbion_common.events import MessageReceived, MessageSent, MessageStatusChan
 from orbion_common.eventstore import StoredEvent
 
 from .domain import ContactSummary, MessageItem
-from .store import CONTACT_COLUMNS, Projection, SentResult, StatusRow, contact_summary, json_rows
+from .store import (
+    CONTACT_COLUMNS,
+    Projection,
+    SentResult,
+    StatusRow,
+    column_names,
+    contact_summary,
+    json_rows,
+)
 
 _ROW_COLUMNS = (
     "message_key, phone, direction, kind, text, status, status_at, error, created_at, position, "
     "provider_message_id, reply_key"
 )
-_ROW_NAMES = tuple(c.strip() for c in _ROW_COLUMNS.split(","))
+_ROW_NAMES = column_names(_ROW_COLUMNS)
 
 
 @dataclass

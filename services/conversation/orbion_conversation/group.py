@@ -174,13 +174,12 @@ class GroupCommit:
             # By stream: the order the scheduler appends in too, so their row locks never deadlock.
             new = sorted((w for w in group if w.event.event_id not in known), key=lambda w: w.event.stream_id)
             at = [versions[w.event.stream_id] + 1 for w in new]
-            traces = [w.context.run(trace_context) for w in new]  # each event in its own trace
             # At the versions read above: a replica that appended to one of the streams
             # meanwhile makes this raise ConcurrencyError, and the group is redone event by event.
             positions = await ctx.store.append_at_versions(
                 conn,
                 [(w.event, v) for w, v in zip(new, at, strict=True)],
-                traces,
+                [w.context.run(trace_context) for w in new],
                 savepoint=False,  # a conflict ends this transaction: the events are redone alone
             )
             projection = BatchProjection(ctx.projection.suffix)
@@ -188,17 +187,12 @@ class GroupCommit:
             await projection.load(conn, stored)
             contacts: dict[str, ContactSummary] = {}
             now = utcnow()
-            for work, s, trace in zip(new, stored, traces, strict=True):
+            for work, s in zip(new, stored, strict=True):
                 applied = await projector.apply(conn, projection, s, ctx.opt_in_rule, contacts)
                 outcomes[id(work)] = "projected"
                 if isinstance(work.event, MessageReceived):
                     decision = replies.decide_inbound(
-                        ctx,
-                        work.event,
-                        applied,
-                        pending.get(work.event.stream_id),
-                        now,
-                        trace,  # a scheduled reply continues it
+                        ctx, work.event, applied, pending.get(work.event.stream_id), now
                     )
                     decisions[id(work)] = decision
                     outcomes[id(work)] = decision.outcome

@@ -30,7 +30,7 @@ from opentelemetry import context as otel_context
 from prometheus_client import Counter, Gauge, Histogram
 
 from orbion_common.events import MessageReceived, ReplyRequested, utcnow
-from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent, context_of, trace_context
+from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent, context_of
 from orbion_common.logging import mask_phone
 
 from . import domain, projector, store
@@ -84,10 +84,8 @@ def decide_inbound(
     applied: projector.Applied,
     pending: PendingRow | None,
     now: datetime,
-    trace: str | None,
 ) -> InboundDecision:
-    """Decide about a newly projected inbound message, given the contact's locked pending row;
-    ``trace`` is the message's trace context (see ``eventstore.trace_context``)."""
+    """Decide about a newly projected inbound message, given the contact's locked pending row."""
     item = applied.new_message
     if item is None:
         return InboundDecision("duplicate")
@@ -107,9 +105,7 @@ def decide_inbound(
         timedelta(seconds=ctx.quiet_seconds),
     )
     correlation = event.correlation_id or event.event_id
-    return InboundDecision(
-        "scheduled", "scheduled", save=PendingRow(burst, correlation, event.event_id, trace)
-    )
+    return InboundDecision("scheduled", "scheduled", save=PendingRow(burst, correlation, event.event_id))
 
 
 async def on_inbound(
@@ -120,7 +116,7 @@ async def on_inbound(
     pending: PendingRow | None,
 ) -> str:
     """Decide about a newly projected inbound message and act on it; returns the outcome."""
-    decision = decide_inbound(ctx, event, applied, pending, utcnow(), trace_context())
+    decision = decide_inbound(ctx, event, applied, pending, utcnow())
     outcome = await ask(conn, ctx, event, decision.ask) if decision.ask else decision.outcome
     if decision.delete:
         await store.delete_pending(conn, event.stream_id)
@@ -388,7 +384,8 @@ class ReplyScheduler:
                 row = await store.load_pending(conn, phone)  # lock order: the pending row first
                 if row is None or row.reply.due_at > now:
                     return False  # emitted by another replica, or the contact wrote again meanwhile
-                joined = otel_context.attach(context_of(row.trace_context))  # the burst's trace
+                trace = await self.ctx.store.trace_context_of(conn, row.causation_id)
+                joined = otel_context.attach(context_of(trace))  # the trace of the burst's last message
                 try:
                     stored = await emit(
                         conn, self.ctx, phone, row.reply.inbound_ids, row.correlation_id, row.causation_id

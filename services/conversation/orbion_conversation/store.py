@@ -34,7 +34,12 @@ CONTACT_COLUMNS = (
 )
 
 
-_CONTACT_NAMES = tuple(c.strip() for c in CONTACT_COLUMNS.split(","))
+def column_names(columns: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``: the names of a column list written once as SQL."""
+    return tuple(c.strip() for c in columns.split(","))
+
+
+_CONTACT_NAMES = column_names(CONTACT_COLUMNS)
 
 
 def json_rows(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -395,7 +400,8 @@ class Projection:
 
 # -- pending replies (a work queue, not a projection) ----------------------------------------
 
-_PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id, trace_context"
+_PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id"
+_PENDING_NAMES = column_names(_PENDING_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -403,7 +409,8 @@ class PendingRow:
     reply: PendingReply
     correlation_id: str
     causation_id: str
-    trace_context: str | None = None  # of the inbound message that last extended the burst
+    # Of the burst's last message (its causation), read with the due rows: see take_due.
+    trace_context: str | None = None
 
 
 def _pending(row: asyncpg.Record) -> PendingRow:
@@ -411,7 +418,7 @@ def _pending(row: asyncpg.Record) -> PendingRow:
         PendingReply(phone=row["phone"], inbound_ids=tuple(row["inbound_ids"]), due_at=row["due_at"]),
         row["correlation_id"],
         row["causation_id"],
-        row["trace_context"],
+        row.get("trace_context"),
     )
 
 
@@ -442,23 +449,19 @@ async def save_pending_many(conn: asyncpg.Connection, rows: Sequence[PendingRow]
     """Upsert contacts' waiting replies (each phone at most once)."""
     if not rows:
         return
-    # inbound_ids travel as JSON: unnest would flatten an array of arrays.
     await conn.execute(
         f"""INSERT INTO pending_replies ({_PENDING_COLUMNS})
-           SELECT r.phone, ARRAY(SELECT jsonb_array_elements_text(r.ids::jsonb)), r.due_at, r.corr, r.cause,
-                  r.trace
-           FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
-                AS r(phone, ids, due_at, corr, cause, trace)
-           ORDER BY r.phone
+           SELECT {_PENDING_COLUMNS} FROM jsonb_populate_recordset(NULL::pending_replies, $1::jsonb)
+           ORDER BY phone
            ON CONFLICT (phone) DO UPDATE SET inbound_ids = excluded.inbound_ids, due_at = excluded.due_at,
-               correlation_id = excluded.correlation_id, causation_id = excluded.causation_id,
-               trace_context = excluded.trace_context""",
-        [p.reply.phone for p in rows],
-        [orjson.dumps(p.reply.inbound_ids).decode() for p in rows],
-        [p.reply.due_at for p in rows],
-        [p.correlation_id for p in rows],
-        [p.causation_id for p in rows],
-        [p.trace_context for p in rows],
+               correlation_id = excluded.correlation_id, causation_id = excluded.causation_id""",
+        json_rows(
+            _PENDING_NAMES,
+            (
+                (p.reply.phone, p.reply.inbound_ids, p.reply.due_at, p.correlation_id, p.causation_id)
+                for p in rows
+            ),
+        ),
     )
 
 
@@ -487,7 +490,9 @@ class DueRound:
 
 async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRound:
     """Take the due rows out of the queue, in the caller's transaction: a rollback puts them
-    back. Rows another replica is emitting right now are skipped, not waited for.
+    back. Rows another replica is emitting right now are skipped, not waited for. Each row
+    comes with the trace context stored with its causation (the burst's last message, in the
+    event store of the same schema), so that its request continues that message's trace.
 
     One statement for the claim, the delete and the queue's summary (a round used three).
     """
@@ -497,13 +502,14 @@ async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRo
                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED
             ), taken AS (
                 DELETE FROM pending_replies p USING due WHERE p.phone = due.phone
-                RETURNING {", ".join(f"p.{c.strip()}" for c in _PENDING_COLUMNS.split(","))}
+                RETURNING {", ".join(f"p.{c}" for c in _PENDING_NAMES)}
             ), rest AS (  -- the statement's snapshot still holds the taken rows
                 SELECT (SELECT count(*) FROM pending_replies) - (SELECT count(*) FROM taken) AS waiting,
                        (SELECT due_at FROM pending_replies WHERE phone NOT IN (SELECT phone FROM taken)
                         ORDER BY due_at LIMIT 1) AS next_due
             )
-            SELECT rest.waiting, rest.next_due, taken.* FROM rest LEFT JOIN taken ON true""",
+            SELECT rest.waiting, rest.next_due, taken.*, e.trace_context::text AS trace_context
+            FROM rest LEFT JOIN taken ON true LEFT JOIN events e ON e.event_id = taken.causation_id""",
         now,
         limit,
     )
