@@ -97,8 +97,8 @@ def build_deps(
         pool, events, settings, make_provider(settings), breakers["whatsapp"], on_appended=wake_relay
     )
 
-    def reply_stored() -> None:
-        sender.wake()
+    def reply_stored(phone: str) -> None:
+        sender.offer(phone)
         wake_relay()
 
     exporter = None

@@ -82,7 +82,7 @@ class Handlers:
     pool: asyncpg.Pool
     events: EventStore
     responder: Responder
-    on_reply_stored: Callable[[], None] = lambda: None  # wake the sender and the relay
+    on_reply_stored: Callable[[str], None] = lambda phone: None  # hand it to the sender, wake the relay
     on_export_queued: Callable[[], None] = lambda: None
     _lookups: GroupCommit[str, bool] = field(init=False, repr=False)
     _writes: GroupCommit[_Store, bool] = field(init=False, repr=False)
@@ -139,7 +139,7 @@ class Handlers:
             generated.source.value,
             extra={"reply_key": req.reply_key, "latency_ms": generated.latency_ms},
         )
-        self.on_reply_stored()
+        self.on_reply_stored(reply.phone)
 
     async def ask_human_verification(self, event: Event, delivery: Delivery | None = None) -> None:
         if not isinstance(event, HumanVerificationRequested) or not event.payload.question.strip():
@@ -159,7 +159,7 @@ class Handlers:
             requested_at=event.occurred_at,
         )
         if await self._writes.submit(_Store(reply)):
-            self.on_reply_stored()
+            self.on_reply_stored(reply.phone)
 
     async def _stored(self, conn: asyncpg.Connection, reply_keys: list[str]) -> list[bool]:
         stored = await store.stored_reply_keys(conn, reply_keys)

@@ -197,9 +197,19 @@ class Sender:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.leader = False
+        self._dispatching = False  # leading, and the in-doubt replies of the last term settled
 
     def wake(self) -> None:
         self._wake.set()
+
+    def offer(self, phone: str) -> None:
+        """A reply to ``phone`` was just stored: while dispatching, its contact's drain starts now,
+        without the read of every contact's due head that a wake-up costs (the drain reads its
+        own head). A drain already running may be past its last read: then a wake-up."""
+        if self._dispatching and phone not in self._active:
+            self._start_drain(phone)
+        else:
+            self.wake()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -218,11 +228,12 @@ class Sender:
                     self.leader = True
                     try:
                         await self.recover_in_doubt()
+                        self._dispatching = True
                         while not self._stopping.is_set():
                             await self.dispatch_due()
                             await self._sleep(self.settings.sender_poll_seconds)
                     finally:
-                        self.leader = False
+                        self.leader = self._dispatching = False
                         await self._finish_active()
             except asyncio.CancelledError:
                 raise
@@ -247,13 +258,15 @@ class Sender:
         PENDING_REPLIES.set(len(heads))
         started = 0
         for head in heads:
-            if head.phone in self._active:
-                continue
-            task = asyncio.create_task(self._drain_contact(head.phone), name=f"send:{head.phone[-4:]}")
-            self._active[head.phone] = task
-            task.add_done_callback(functools.partial(self._forget, head.phone))
-            started += 1
+            if head.phone not in self._active:
+                self._start_drain(head.phone)
+                started += 1
         return started
+
+    def _start_drain(self, phone: str) -> None:
+        task = asyncio.create_task(self._drain_contact(phone), name=f"send:{phone[-4:]}")
+        self._active[phone] = task
+        task.add_done_callback(functools.partial(self._forget, phone))
 
     @property
     def _hold(self) -> float:

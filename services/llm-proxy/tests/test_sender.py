@@ -166,6 +166,43 @@ async def test_outage_keeps_replies_pending_then_delivers_each_once_in_order(
         assert len(texts) == 3
 
 
+async def test_a_reply_stored_while_the_sender_leads_goes_out_without_a_look_at_every_contact(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str, monkeypatch: Any
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url, sender_poll_seconds=30.0), pool, schema=schema)
+        worker = asyncio.create_task(deps.sender.run())
+        try:
+            for _ in range(100):
+                if deps.sender.leader:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)  # past the term's first look at every contact's due head
+            looks = 0
+            due_heads = store.due_heads
+
+            async def counted(*args: Any, **kwargs: Any) -> list[store.ReplyRow]:
+                nonlocal looks
+                looks += 1
+                return await due_heads(*args, **kwargs)
+
+            monkeypatch.setattr(store, "due_heads", counted)
+            phone = new_phone()
+            req = reply_requested(phone)
+            await deps.handlers.answer_reply_request(req)
+            for _ in range(100):
+                if fake.sent:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await deps.sender.stop()
+            await worker
+    [record] = fake.sent
+    assert record["to"] == phone and record["context_message_id"] == req.payload.reply_to_message_id
+    assert looks == 0  # handed over by the consumer, not found by a read of all due heads
+
+
 async def test_send_in_doubt_after_a_crash_is_not_repeated(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
