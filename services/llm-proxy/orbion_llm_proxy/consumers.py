@@ -95,7 +95,12 @@ class Handlers:
         if not isinstance(event, ReplyRequested):
             return
         req = event.payload
-        if await self._lookups.submit(req.reply_key):
+        # A request's event id is made from its reply key, and JetStream drops a copy published
+        # again within its duplicate window: a first delivery was answered by no one before, and
+        # only a redelivery (or a call from no delivery) is looked up, a statement less per reply.
+        # A copy beyond the window costs one LLM call, never a second send: the row is the claim.
+        first = delivery is not None and delivery.num_delivered == 1
+        if not first and await self._lookups.submit(req.reply_key):
             return  # generated before (redelivery, or a duplicate request): the sender owns it
         heartbeat = delivery.in_progress if delivery is not None else None
         generated = await self.responder.generate(req, heartbeat=heartbeat)
