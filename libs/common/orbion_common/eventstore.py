@@ -143,6 +143,17 @@ class EventStore:
                  WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
             ORDER BY e.n
             RETURNING event_id, position"""
+        # Each event after its stream's last version, in the order given within a stream.
+        self._sql_insert_next = f"""
+            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
+            SELECT e.event_id, e.stream_id,
+                   coalesce((SELECT max(x.version) FROM {s}.events x WHERE x.stream_id = e.stream_id), 0)
+                   + row_number() OVER (PARTITION BY e.stream_id ORDER BY e.n),
+                   e.type, e.occurred_at, e.body::jsonb, e.trace::jsonb
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+                 WITH ORDINALITY AS e(event_id, stream_id, type, occurred_at, body, trace, n)
+            ORDER BY e.n
+            RETURNING event_id, position"""
         self._sql_versions = (
             f"SELECT stream_id, max(version) AS version FROM {s}.events "
             f"WHERE stream_id = ANY($1::text[]) GROUP BY stream_id"
@@ -267,6 +278,36 @@ class EventStore:
         rows = await _insert(conn, self._sql_insert_many, args, savepoint, "concurrent append")
         positions = {r["event_id"]: r["position"] for r in rows}
         return [positions[e.event_id] for e, _ in events]
+
+    async def append_next(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[Envelope],
+        trace_contexts: Sequence[str | None] | None = None,
+        *,
+        savepoint: bool = True,
+    ) -> list[int]:
+        """:meth:`append_at_versions` with each event after its stream's last version (events of
+        one stream in the order given), read in the same statement: for batch writers that need
+        the versions for nothing else, a round trip less than :meth:`stream_versions` first.
+
+        A version another writer takes meanwhile, or an event id already stored, raises
+        :class:`ConcurrencyError` and nothing of the batch is stored.
+        """
+        if not events:
+            return []
+        traces = list(trace_contexts) if trace_contexts is not None else [trace_context()] * len(events)
+        args = (
+            [e.event_id for e in events],
+            [e.stream_id for e in events],
+            [e.type for e in events],
+            [e.occurred_at for e in events],
+            [encode(e).decode() for e in events],
+            traces,
+        )
+        rows = await _insert(conn, self._sql_insert_next, args, savepoint, "concurrent append")
+        positions = {r["event_id"]: r["position"] for r in rows}
+        return [positions[e.event_id] for e in events]
 
     async def stream_versions(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> dict[str, int]:
         """The current version of each stream (0 for a stream with no event yet)."""

@@ -154,6 +154,36 @@ async def test_a_batch_across_streams_is_stored_whole_or_not_at_all(store):
     assert await es.stream_version(conn, "551177") == 1
 
 
+async def test_a_batch_appended_next_follows_each_streams_last_version_in_the_order_given(store):
+    es, conn = store
+    await es.append(conn, "551100", [inbound("551100", 1), inbound("551100", 2)])
+    a, b, c, d = inbound("551100", 3), inbound("551177", 4), inbound("551100", 5), inbound("551177", 6)
+    positions = await es.append_next(conn, [a, b, c, d], savepoint=False)
+    rows = await conn.fetch(f'SELECT event_id, position, version FROM "{es.schema}".events')
+    stored = {r["event_id"]: (r["position"], r["version"]) for r in rows}
+    assert [stored[e.event_id][1] for e in (a, b, c, d)] == [3, 1, 4, 2]
+    assert positions == [stored[e.event_id][0] for e in (a, b, c, d)] and positions == sorted(positions)
+
+
+async def test_a_batch_appended_next_loses_to_a_concurrent_writer_whole(database_url, store):
+    es, conn = store
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            # Another writer holds version 1 of 551177, uncommitted: the batch waits for it.
+            await es.append_at_versions(other, [(inbound("551177", 1), 1)], savepoint=False)
+            batch = asyncio.create_task(es.append_next(conn, [inbound("551100", 2), inbound("551177", 3)]))
+            await asyncio.sleep(0.2)
+            assert not batch.done()
+        with pytest.raises(ConcurrencyError):
+            await batch
+    finally:
+        await other.close()
+    assert await es.stream_versions(conn, ["551100", "551177"]) == {"551100": 0, "551177": 1}
+    await es.append_next(conn, [inbound("551100", 4), inbound("551177", 5)])  # tried again, it goes in
+    assert await es.stream_versions(conn, ["551100", "551177"]) == {"551100": 1, "551177": 2}
+
+
 async def test_a_batch_returns_its_positions_and_keeps_each_events_trace_context(store):
     es, conn = store
     a, b = inbound("551100", 1), inbound("551177", 2)
