@@ -175,16 +175,12 @@ class Handlers:
         (in batch order within a stream). A version another writer took meanwhile (the sender's
         ``MessageSent``) raises ``ConcurrencyError``: the batch is run again item by item."""
         fresh = await store.insert_replies(conn, [s.reply for s in batch])
-        new = [(s.event, s.trace) for s in batch if s.event is not None and s.reply.reply_key in fresh]
-        if new:
-            versions = await self.events.stream_versions(conn, sorted({e.stream_id for e, _ in new}))
-            placed: list[tuple[ReplyGenerated, int]] = []
-            # By stream, as every batch writer orders them, so that row locks cannot deadlock.
-            new.sort(key=lambda item: item[0].stream_id)
-            for e, _ in new:
-                versions[e.stream_id] += 1
-                placed.append((e, versions[e.stream_id]))
-            await self.events.append_at_versions(conn, placed, [t for _, t in new], savepoint=False)
+        # By stream, as every batch writer orders them, so that row locks cannot deadlock.
+        new = sorted(
+            ((s.event, s.trace) for s in batch if s.event is not None and s.reply.reply_key in fresh),
+            key=lambda item: item[0].stream_id,
+        )
+        await self.events.append_next(conn, [e for e, _ in new], [t for _, t in new], savepoint=False)
         return [s.reply.reply_key in fresh for s in batch]
 
     async def queue_lead_export(self, event: Event, delivery: Delivery | None = None) -> None:

@@ -449,13 +449,9 @@ class Sender:
         stored = await self.events.stored_ids(conn, [s.event.event_id for s in batch])
         # By stream, as every batch writer orders them, so that row locks cannot deadlock.
         fresh = sorted((s for s in batch if s.event.event_id not in stored), key=lambda s: s.event.stream_id)
-        if fresh:
-            versions = await self.events.stream_versions(conn, sorted({s.event.stream_id for s in fresh}))
-            placed: list[tuple[MessageSent, int]] = []
-            for s in fresh:
-                versions[s.event.stream_id] += 1
-                placed.append((s.event, versions[s.event.stream_id]))
-            await self.events.append_at_versions(conn, placed, [s.trace for s in fresh], savepoint=False)
+        await self.events.append_next(
+            conn, [s.event for s in fresh], [s.trace for s in fresh], savepoint=False
+        )
         return [None] * len(batch)
 
     async def _on_send_error(self, reply: store.ReplyRow, exc: SendError) -> bool:
