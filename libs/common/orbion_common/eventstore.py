@@ -158,11 +158,6 @@ class EventStore:
             f"SELECT stream_id, max(version) AS version FROM {s}.events "
             f"WHERE stream_id = ANY($1::text[]) GROUP BY stream_id"
         )
-        self._sql_last_of_type_many = (
-            f"SELECT DISTINCT ON (stream_id) stream_id, position, version, tx_id::text::bigint AS tx_id, "
-            f"body::text AS body FROM {s}.events WHERE stream_id = ANY($1::text[]) AND type = $2 "
-            f"ORDER BY stream_id, version DESC"
-        )
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -323,13 +318,6 @@ class EventStore:
         """The trace context stored with an event (:func:`trace_context`'s form); None without."""
         trace: str | None = await conn.fetchval(self._sql_trace_of, event_id)
         return trace
-
-    async def last_of_type_many(
-        self, conn: asyncpg.Connection, stream_ids: Sequence[str], event_type: str
-    ) -> dict[str, StoredEvent]:
-        """:meth:`last_of_type` for several streams in one statement (streams without one are left out)."""
-        rows = await conn.fetch(self._sql_last_of_type_many, list(stream_ids), event_type)
-        return {r["stream_id"]: _stored(r) for r in rows}
 
     async def last_of_type(
         self, conn: asyncpg.Connection, stream_id: str, event_type: str

@@ -154,12 +154,13 @@ async def emit(
     burst = await ctx.projection.messages_by_keys(conn, inbound_ids)
     if not burst:
         return None
+    previous = await ctx.store.last_of_type(conn, phone, "ReplyRequested")
     event = _reply_requested(
         ctx,
         summary,
         burst,
         await _recent(conn, ctx, phone),
-        await ctx.store.last_of_type(conn, phone, "ReplyRequested"),
+        previous.event.payload.reply_key if previous is not None else "",
         correlation_id,
         causation_id,
     )
@@ -175,7 +176,7 @@ def _reply_requested(
     summary: ContactSummary,
     burst: Sequence[MessageItem],
     recent: Sequence[MessageItem],
-    previous: StoredEvent | None,
+    previous_reply_key: str,
     correlation_id: str,
     causation_id: str,
 ) -> ReplyRequested:
@@ -190,8 +191,8 @@ def _reply_requested(
     )
     # The contact's previous request: the llm-proxy sends this reply only after that one, so
     # replies keep the order of the bursts even when a redelivery brings them back out of it.
-    if previous is not None:
-        payload = payload.model_copy(update={"previous_reply_key": previous.event.payload.reply_key})
+    if previous_reply_key:
+        payload = payload.model_copy(update={"previous_reply_key": previous_reply_key})
     return ReplyRequested(
         event_id=domain.reply_requested_event_id(payload.reply_key),
         stream_id=summary.phone,
@@ -211,14 +212,14 @@ async def _recent(conn: asyncpg.Connection, ctx: ReplyContext, phone: str) -> li
 async def emit_many(
     conn: asyncpg.Connection, ctx: ReplyContext, rows: Sequence[PendingRow]
 ) -> list[StoredEvent]:
-    """:func:`emit` for many contacts' bursts (locked pending rows) in a few statements.
+    """:func:`emit` for many contacts' bursts in a few statements: ``rows`` as
+    :func:`store.take_due` took them, with their streams' versions (read before the contacts,
+    for the reason given in emit()) and their contacts' previous requests.
 
     Raises ConcurrencyError when one of the streams moved on since its version was read: the
     caller rolls back and decides each burst alone.
     """
     phones = [r.reply.phone for r in rows]
-    # The stream versions BEFORE the contacts, for the reason given in emit().
-    versions = await ctx.store.stream_versions(conn, phones)
     loaded = await ctx.projection.load_contacts(conn, phones)
     contacts = {p: loaded.get(p) or ContactSummary(phone=p) for p in phones}
     asking = [r for r in rows if not contacts[r.reply.phone].state.silenced]
@@ -242,20 +243,19 @@ async def emit_many(
     if missing:
         snapshots = await ctx.projection.history_snapshots(conn, missing, ctx.history.size)
         recent.update({p: snapshots[p][1] if p in snapshots else [] for p in missing})
-    previous = await ctx.store.last_of_type_many(conn, phones, "ReplyRequested")
     events = [
         _reply_requested(
             ctx,
             contacts[r.reply.phone],
             bursts[r.reply.phone],
             recent[r.reply.phone],
-            previous.get(r.reply.phone),
+            r.previous_reply_key,
             r.correlation_id,
             r.causation_id,
         )
         for r in asking
     ]
-    at = [versions[e.stream_id] + 1 for e in events]
+    at = [r.stream_version + 1 for r in asking]
     # No savepoint: a conflict ends the round's transaction (each burst is then decided alone).
     # Each request in the trace of its burst's last message, not in the scheduler's (none).
     traces = [r.trace_context for r in asking]

@@ -409,8 +409,11 @@ class PendingRow:
     reply: PendingReply
     correlation_id: str
     causation_id: str
-    # Of the burst's last message (its causation), read with the due rows: see take_due.
+    # Read with the due rows (see take_due): the trace context of the burst's last message (its
+    # causation), the contact's stream version and the reply key of its last ReplyRequested.
     trace_context: str | None = None
+    stream_version: int = 0
+    previous_reply_key: str = ""
 
 
 def _pending(row: asyncpg.Record) -> PendingRow:
@@ -419,6 +422,8 @@ def _pending(row: asyncpg.Record) -> PendingRow:
         row["correlation_id"],
         row["causation_id"],
         row.get("trace_context"),
+        row.get("stream_version") or 0,
+        row.get("previous_reply_key") or "",
     )
 
 
@@ -491,10 +496,13 @@ class DueRound:
 async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRound:
     """Take the due rows out of the queue, in the caller's transaction: a rollback puts them
     back. Rows another replica is emitting right now are skipped, not waited for. Each row
-    comes with the trace context stored with its causation (the burst's last message, in the
-    event store of the same schema), so that its request continues that message's trace.
+    comes with what the round reads of its contact's stream in the event store of the same
+    schema: the trace context stored with its causation (the burst's last message), so that its
+    request continues that message's trace; the stream's version, at which the request is
+    appended (read before the contact's projection: see ``replies.emit``); and the reply key of
+    the contact's last request, which the new one follows.
 
-    One statement for the claim, the delete and the queue's summary (a round used three).
+    One statement for the claim, the delete, those reads and the queue's summary.
     """
     records = await conn.fetch(
         f"""WITH due AS (
@@ -508,7 +516,11 @@ async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRo
                        (SELECT due_at FROM pending_replies WHERE phone NOT IN (SELECT phone FROM taken)
                         ORDER BY due_at LIMIT 1) AS next_due
             )
-            SELECT rest.waiting, rest.next_due, taken.*, e.trace_context::text AS trace_context
+            SELECT rest.waiting, rest.next_due, taken.*, e.trace_context::text AS trace_context,
+                   (SELECT max(v.version) FROM events v WHERE v.stream_id = taken.phone) AS stream_version,
+                   (SELECT r.body->'payload'->>'reply_key' FROM events r
+                    WHERE r.stream_id = taken.phone AND r.type = 'ReplyRequested'
+                    ORDER BY r.version DESC LIMIT 1) AS previous_reply_key
             FROM rest LEFT JOIN taken ON true LEFT JOIN events e ON e.event_id = taken.causation_id""",
         now,
         limit,

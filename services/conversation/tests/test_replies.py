@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from orbion_common.events import Event, ReplyRequested, utcnow
+from orbion_common.events.messaging import ReplyRequestedPayload
 from orbion_common.eventstore import ConcurrencyError, EventStore
 from orbion_conversation import domain, projector, store
 from orbion_conversation.consumers import Deps, record_event
@@ -330,11 +331,17 @@ async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_r
     due = [new_phone() for _ in range(2)]
     later = new_phone()
 
+    def requested(phone: str, reply_key: str) -> ReplyRequested:
+        payload = ReplyRequestedPayload(reply_key=reply_key, phone=phone, inbound_message_ids=[], text="Oi")
+        return ReplyRequested.create(phone, payload)
+
     def row(phone: str, due_at: datetime) -> PendingRow:
         return PendingRow(domain.PendingReply(phone, (f"wamid.{phone}",), due_at), "corr", "cause")
 
     rows = [row(due[1], now - timedelta(seconds=1)), row(due[0], now - timedelta(seconds=2))]
     async with pool.acquire() as conn:
+        events = EventStore(schema)
+        await events.append(conn, due[0], [requested(due[0], "rk-0"), generated(due[0], "rk-other", "Oi!")])
         await store.save_pending_many(conn, [*rows, row(later, now + timedelta(seconds=10))])
 
         class Crash(Exception):
@@ -344,6 +351,9 @@ async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_r
             async with conn.transaction():
                 taken = await store.take_due(conn, now, 10)
                 assert [r.reply.phone for r in taken.rows] == due  # earliest due first
+                # With what the round reads of each contact's stream: its version, its last request.
+                read = [(r.stream_version, r.previous_reply_key) for r in taken.rows]
+                assert read == [(2, "rk-0"), (0, "")]
                 assert (taken.waiting, taken.next_due) == (1, now + timedelta(seconds=10))  # the rest
                 raise Crash  # the round fails before its requests commit
         assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 3  # nothing lost
