@@ -158,6 +158,14 @@ class Pacer:
             self._contacts = {p: b for p, b in self._contacts.items() if b.updated > horizon}
         return 0.0
 
+    def refund(self, phone: str) -> None:
+        """Give back the token a :meth:`delay` of 0 took, for a send that did not happen."""
+        bucket = self._contacts.get(phone)
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1)
+        if self.rate > 0 and self._global is not None:
+            self._global.tokens = min(max(self.rate, 1.0), self._global.tokens + 1)
+
 
 class Sender:
     def __init__(
@@ -189,6 +197,9 @@ class Sender:
         self._in_flight: set[str] = set()  # reply keys between "sending" and their result
         self._heads: GroupCommit[str, store.ReplyRow | None] = GroupCommit(
             pool, self._heads_of, name="sender-heads", transaction=False
+        )
+        self._claims: GroupCommit[str, store.ReplyRow | None] = GroupCommit(
+            pool, self._claim_heads_of, name="sender-claims", transaction=False
         )
         self._marks: GroupCommit[str, None] = GroupCommit(
             pool, self._mark_sending, name="sender-marks", transaction=False
@@ -284,7 +295,11 @@ class Sender:
         async with self._limit:
             try:
                 while not self._stopping.is_set():
-                    head = await self._heads.submit(phone)
+                    head = await self._head(phone)
+                    if head is not None and head.claimed:
+                        if not await self.send_reply(head):
+                            return
+                        continue
                     if head is None or head.held or head.next_attempt_at.timestamp() > time.time() + 0.001:
                         return
                     if head.reply_key in self._in_flight:
@@ -300,6 +315,18 @@ class Sender:
                 raise
             except Exception:
                 log.exception("sending to %s failed unexpectedly", mask_phone(phone))
+
+    async def _head(self, phone: str) -> store.ReplyRow | None:
+        """The contact's first unsent reply. When its send could start at once (a provider, the
+        breaker closed, a pacing token taken), the statement that reads it also marks it
+        'sending' if it is due: the mark that :meth:`_send_part` commits before a call, a round
+        trip less. Otherwise, or when nothing was claimed (the token is given back), a plain read."""
+        if self.provider is None or self.breaker.retry_after() > 0 or self.pacer.delay(phone) > 0:
+            return await self._heads.submit(phone)
+        head = await self._claims.submit(phone)
+        if head is None or not head.claimed:
+            self.pacer.refund(phone)
+        return head
 
     # -- one reply -----------------------------------------------------------------------------
 
@@ -323,11 +350,17 @@ class Sender:
             yield span
 
     async def send_reply(self, reply: store.ReplyRow) -> bool:
-        """Send the remaining parts of ``reply``; True when it is settled (sent or failed)."""
+        """Send the remaining parts of ``reply``; True when it is settled (sent or failed). A
+        ``claimed`` reply's next part is marked and paced already (:meth:`_head`)."""
         for index in range(reply.parts_sent, len(reply.parts)):
             part_no = index + 1
             if self.provider is None:
                 await self._write_outbox(reply, part_no)
+                continue
+            if reply.claimed and index == reply.parts_sent:
+                outcome = await self._send_part(reply, part_no, marked=True)
+                if outcome is not None:
+                    return outcome
                 continue
             wait = self.pacer.delay(reply.phone)
             if wait > 0.5:  # a long pause: give the concurrency slot back and come back when due
@@ -357,14 +390,18 @@ class Sender:
         SENT_PARTS.labels("outbox").inc()
         self.on_appended()
 
-    async def _send_part(self, reply: store.ReplyRow, part_no: int) -> bool | None:
-        """One HTTP send; None when the part went out (continue), else settled/rescheduled."""
+    async def _send_part(self, reply: store.ReplyRow, part_no: int, *, marked: bool = False) -> bool | None:
+        """One HTTP send; None when the part went out (continue), else settled/rescheduled.
+        ``marked``: the row is 'sending' already (claimed with its read)."""
         assert self.provider is not None
-        if self.breaker.retry_after() > 0:
-            await self._reschedule(reply, self.breaker.retry_after(), "whatsapp breaker open", count=False)
-            return False
-        # Committed before the call: if we crash during it, recovery sees "sending" and does not resend.
-        await self._marks.submit(reply.reply_key)
+        if not marked:
+            if self.breaker.retry_after() > 0:
+                await self._reschedule(
+                    reply, self.breaker.retry_after(), "whatsapp breaker open", count=False
+                )
+                return False
+            # Committed before the call: if we crash during it, recovery sees "sending" and does not resend.
+            await self._marks.submit(reply.reply_key)
         self._in_flight.add(reply.reply_key)
         try:
             return await self._call_and_record(reply, part_no)
@@ -432,6 +469,12 @@ class Sender:
 
     async def _heads_of(self, conn: asyncpg.Connection, phones: list[str]) -> list[store.ReplyRow | None]:
         heads = await store.heads_of(conn, phones, hold_seconds=self._hold)
+        return [heads.get(phone) for phone in phones]
+
+    async def _claim_heads_of(
+        self, conn: asyncpg.Connection, phones: list[str]
+    ) -> list[store.ReplyRow | None]:
+        heads = await store.claim_heads(conn, phones, hold_seconds=self._hold)
         return [heads.get(phone) for phone in phones]
 
     async def _mark_sending(self, conn: asyncpg.Connection, reply_keys: list[str]) -> list[None]:

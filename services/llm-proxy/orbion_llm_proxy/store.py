@@ -47,6 +47,7 @@ class ReplyRow:
     requested_at: datetime | None = None  # the request's occurred_at: the contact's send order
     previous_reply_key: str = ""  # the contact's previous request ("" unknown)
     held: bool = False  # head waiting for its previous request to be stored (due_heads, heads_of)
+    claimed: bool = False  # head marked 'sending' by the statement that read it (claim_heads)
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> ReplyRow:
@@ -169,6 +170,30 @@ async def heads_of(
         f"""SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
             WHERE phone = ANY($1::text[]) AND state IN ('pending', 'sending')
             ORDER BY phone, {_HEAD_ORDER}""",
+        list(phones),
+        float(hold_seconds),
+    )
+    return {r["phone"]: ReplyRow.of(r) for r in rows}
+
+
+async def claim_heads(
+    conn: asyncpg.Connection, phones: Sequence[str], *, hold_seconds: float = 0.0
+) -> dict[str, ReplyRow]:
+    """:func:`heads_of`, and each head that is due, not held and pending marked 'sending' in the
+    same statement (``claimed``; the row comes back as it was before). A caller's own
+    transaction must not hold the mark: it is committed before the call it precedes."""
+    rows = await conn.fetch(
+        f"""WITH heads AS (
+               SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
+               WHERE phone = ANY($1::text[]) AND state IN ('pending', 'sending')
+               ORDER BY phone, {_HEAD_ORDER}
+           ), claimed AS (
+               UPDATE replies u SET state = 'sending', updated_at = now() FROM heads h
+               WHERE u.reply_key = h.reply_key AND h.state = 'pending' AND NOT h.held
+                     AND h.next_attempt_at <= now()
+               RETURNING u.reply_key
+           )
+           SELECT h.*, h.reply_key IN (SELECT reply_key FROM claimed) AS claimed FROM heads h""",
         list(phones),
         float(hold_seconds),
     )

@@ -162,6 +162,16 @@ def test_pacer_allows_a_burst_per_contact_then_one_per_interval() -> None:
     assert pacer.delay("a") == 0.0
 
 
+def test_pacer_takes_back_a_token_given_for_a_send_that_did_not_happen() -> None:
+    from orbion_llm_proxy.sender import Pacer
+
+    pacer = Pacer(interval=6.0, burst=1, rate=2.0, clock=lambda: 0.0)
+    assert pacer.delay("a") == 0.0
+    pacer.refund("a")  # nothing was due after all
+    assert pacer.delay("a") == 0.0 and pacer.delay("b") == 0.0  # neither bucket lost the token
+    assert pacer.delay("a") == pytest.approx(6.0) and pacer.delay("c") == pytest.approx(0.5)
+
+
 def test_pacer_caps_the_business_number_rate() -> None:
     from orbion_llm_proxy.sender import Pacer
 

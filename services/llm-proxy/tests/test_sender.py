@@ -203,6 +203,59 @@ async def test_a_reply_stored_while_the_sender_leads_goes_out_without_a_look_at_
     assert looks == 0  # handed over by the consumer, not found by a read of all due heads
 
 
+async def test_a_due_reply_is_marked_sending_by_the_read_that_finds_it_before_the_call(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str, monkeypatch: Any
+) -> None:
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        phone = new_phone()
+        req = reply_requested(phone)
+        await deps.handlers.answer_reply_request(req)
+        assert deps.sender.provider is not None
+        states_during_call: list[str] = []
+        marks = 0
+        send_text, mark_sending = deps.sender.provider.send_text, store.mark_sending
+
+        async def observed(*args: Any) -> str:
+            async with pool.acquire() as conn:
+                row = await store.get_reply(conn, req.payload.reply_key)
+            assert row is not None
+            states_during_call.append(row.state)
+            return await send_text(*args)
+
+        async def counted(*args: Any) -> None:
+            nonlocal marks
+            marks += 1
+            await mark_sending(*args)
+
+        monkeypatch.setattr(deps.sender.provider, "send_text", observed)
+        monkeypatch.setattr(store, "mark_sending", counted)
+        await _settle(deps)
+    assert len(fake.sent) == 1
+    assert states_during_call == ["sending"]  # committed before the call: a crash does not resend
+    assert marks == 0  # by the read of the contact's head, not by a statement of its own
+
+
+async def test_a_reply_not_due_yet_is_read_but_not_claimed(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    deps = build_deps(make_settings(urls, tag), pool, schema=schema)
+    phone = new_phone()
+    req = reply_requested(phone)
+    await deps.handlers.answer_reply_request(req)
+    key = req.payload.reply_key
+    async with pool.acquire() as conn:
+        await store.reschedule(conn, key, 60.0, "paced", count_attempt=False)
+        [head] = (await store.claim_heads(conn, [phone])).values()
+        assert (head.reply_key, head.claimed) == (key, False)
+        assert (await store.get_reply(conn, key)).state == "pending"  # type: ignore[union-attr]
+        await store.reschedule(conn, key, 0.0, "", count_attempt=False)
+        [head] = (await store.claim_heads(conn, [phone])).values()
+        assert head.claimed and head.state == "pending"  # as it was read
+        assert (await store.get_reply(conn, key)).state == "sending"  # type: ignore[union-attr]
+
+
 async def test_send_in_doubt_after_a_crash_is_not_repeated(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
