@@ -8,6 +8,7 @@ two systems never share state. Logs go to files under the test's folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -23,10 +24,14 @@ import httpx
 from orbion_common.settings import SERVICES
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` ports free now, all different: each socket is held until all are chosen (one
+    at a time, the kernel may hand out the same port twice)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 @dataclass
@@ -41,8 +46,8 @@ class System:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in SERVICES:
-            self.ports.setdefault(name, free_port())
+        missing = [name for name in SERVICES if name not in self.ports]
+        self.ports.update(zip(missing, free_ports(len(missing)), strict=True))
 
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
@@ -110,10 +115,12 @@ class System:
                             f"{name} exited with {proc.returncode}:\n{self.logs(name)[-3000:]}"
                         )
                     try:
-                        if (await client.get(self.url(name) + "/readyz")).status_code == 200:
-                            pending.discard(name)
+                        resp = await client.get(self.url(name) + "/readyz")
                     except httpx.HTTPError:
-                        pass
+                        continue
+                    # Another process on the port (the service could not bind it) is not the service.
+                    if resp.status_code == 200 and resp.json().get("service") == name:
+                        pending.discard(name)
                 if pending and time.monotonic() > deadline:
                     tails = "\n".join(f"--- {n}\n{self.logs(n)[-2000:]}" for n in pending)
                     raise AssertionError(f"not ready after {timeout}s: {sorted(pending)}\n{tails}")
