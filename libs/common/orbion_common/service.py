@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import http
 import importlib.util
 import inspect
@@ -382,7 +383,17 @@ async def serve(app: ASGIApp, settings: CommonSettings, port: int) -> None:
     can be stopped programmatically, use ``server = ServiceServer(app, settings, port)`` and
     ``await server.serve()`` / ``server.stop()``.
     """
+    freeze_startup_objects()
     await ServiceServer(app, settings, port).serve()
+
+
+def freeze_startup_objects() -> None:
+    """Call once a service started, before it serves: what exists then (modules, the app,
+    clients, pools) lives as long as the process, and frozen it is no longer scanned by every
+    full collection, which cost the gateway ~4% of its CPU at saturation (the per-message
+    objects are what the collector is for). Collected first: frozen garbage is never freed."""
+    gc.collect()
+    gc.freeze()
 
 
 T = TypeVar("T")

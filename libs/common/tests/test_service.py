@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import httpx
@@ -17,7 +19,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orbion_common.service import ServiceServer, create_service_app
+from orbion_common.service import ServiceServer, create_service_app, freeze_startup_objects
 from orbion_common.settings import CommonSettings
 
 SETTINGS = CommonSettings()
@@ -303,3 +305,19 @@ def test_sigterm_stops_serve_gracefully_and_the_caller_runs_its_shutdown() -> No
             proc.kill()
     assert proc.returncode == 0
     assert "shutdown ran" in out
+
+
+def test_startup_objects_are_frozen_after_their_garbage_is_collected() -> None:
+    class Node:
+        other: object = None
+
+    garbage = Node()
+    garbage.other = garbage  # a cycle: only a collection frees it
+    freed = weakref.ref(garbage)
+    del garbage
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0  # what exists now is left out of every collection
+        assert freed() is None  # collected first: frozen, it would never be freed
+    finally:
+        gc.unfreeze()

@@ -6,7 +6,6 @@ events: it publishes inbound facts and answers 200 after JetStream acked), so no
 
 from __future__ import annotations
 
-import gc
 import logging
 
 from orbion_common.auth import require_production_secrets
@@ -37,12 +36,6 @@ async def _main(settings: Settings) -> None:
     deps = await build_deps(settings)
     try:
         app = build_app(settings, deps)
-        # What exists now (modules, app, clients) lives as long as the process: frozen, it is no
-        # longer re-scanned by every full collection, which cost ~4% of the CPU at saturation
-        # (the per-request objects are what the collector is for). Collect first: frozen garbage
-        # would never be freed.
-        gc.collect()
-        gc.freeze()
         log.info(
             "gateway listening",
             extra={"port": settings.gateway_port, "signature": settings.signature_required},
