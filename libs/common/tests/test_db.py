@@ -98,9 +98,12 @@ async def test_a_cached_plan_made_on_a_tiny_table_still_uses_the_index_once_the_
             for _ in range(10):  # past the five custom plans after which Postgres may cache a generic one
                 await conn.fetch(f"EXECUTE many_{unique}('{{1,2,3}}')")
                 await conn.fetch(f"EXECUTE one_{unique}('1')")
-            reused = await conn.fetchval(
-                "SELECT generic_plans FROM pg_prepared_statements WHERE name = $1", f"one_{unique}"
-            )
+            planned = {
+                r["name"]: r["custom_plans"]
+                for r in await conn.fetch(
+                    "SELECT name, custom_plans FROM pg_prepared_statements WHERE name LIKE $1", f"%_{unique}"
+                )
+            }
             await conn.execute(f"INSERT INTO {table} SELECT g::text, g FROM generate_series(6, 200000) g")
             plans = {
                 name: "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}_{unique}({arg})"))
@@ -110,7 +113,9 @@ async def test_a_cached_plan_made_on_a_tiny_table_still_uses_the_index_once_the_
             await conn.execute(f"DEALLOCATE ALL; DROP TABLE {table}")
     for plan in plans.values():
         assert "Seq Scan" not in plan, plan
-    assert reused >= 5, "a keyed lookup should run its cached plan, not be planned at every execution"
+    # Not even the first five: Postgres kept planning at every execution the statements whose
+    # generic plan it costed above their custom ones (a quarter of its statement time).
+    assert planned == {f"many_{unique}": 0, f"one_{unique}": 0}, "each execution was planned afresh"
 
 
 async def test_a_statement_that_can_only_scan_a_table_is_not_compiled_to_machine_code(

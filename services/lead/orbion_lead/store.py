@@ -75,16 +75,6 @@ class LeadStore:
         self._sql_load = f"SELECT state::text FROM {s}.leads WHERE phone = $1"
         self._sql_load_for_update = self._sql_load + " FOR UPDATE"
         self._sql_load_json = f"SELECT version, state::text AS state FROM {s}.leads WHERE phone = $1"
-        self._sql_list = f"""
-            SELECT state::text, updated_at, phone FROM {s}.leads
-            WHERE ($1::text IS NULL OR stage = $1)
-              AND ($2::int IS NULL OR score >= $2)
-              AND ($3::text IS NULL OR agent = $3)
-              AND ($4::text IS NULL OR status = $4)
-              AND ($5::timestamptz IS NULL OR updated_at >= $5)
-              AND ($6::timestamptz IS NULL OR (updated_at, phone) > ($6, $7::text))
-            ORDER BY updated_at, phone
-            LIMIT $8"""
         self._sql_set_timer = (
             f"INSERT INTO {s}.verification_timers (phone, due_at) VALUES ($1, $2) "
             f"ON CONFLICT (phone) DO UPDATE SET due_at = excluded.due_at"
@@ -243,17 +233,32 @@ class LeadStore:
     async def list_leads(
         self, conn: asyncpg.Connection, where: LeadFilter, *, after: PageCursor | None, limit: int
     ) -> tuple[list[Lead], PageCursor | None]:
-        """One page of leads in (updated_at, phone) order and the cursor of the next page (None: last)."""
+        """One page of leads in (updated_at, phone) order and the cursor of the next page (None: last).
+
+        Only the filters given are in the statement: each combination is prepared (and its plan
+        cached, see ``orbion_common.db``) on its own, with the index that serves it.
+        """
+        conditions: list[str] = []
+        args: list[object] = []
+        for condition, value in (
+            ("stage = ${}", where.stage),
+            ("score >= ${}", where.min_score),
+            ("agent = ${}", where.agent),
+            ("status = ${}", where.status),
+            ("updated_at >= ${}", where.updated_since),
+        ):
+            if value is not None:
+                args.append(value)
+                conditions.append(condition.format(len(args)))
+        if after is not None:
+            args += [after.updated_at, after.phone]
+            conditions.append(f"(updated_at, phone) > (${len(args) - 1}, ${len(args)})")
+        args.append(limit + 1)
         rows = await conn.fetch(
-            self._sql_list,
-            where.stage,
-            where.min_score,
-            where.agent,
-            where.status,
-            where.updated_since,
-            after.updated_at if after else None,
-            after.phone if after else None,
-            limit + 1,
+            f'SELECT state::text, updated_at, phone FROM "{self.schema}".leads'
+            + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
+            + f" ORDER BY updated_at, phone LIMIT ${len(args)}",
+            *args,
         )
         leads = [Lead.model_validate_json(r["state"]) for r in rows[:limit]]
         more = len(rows) > limit
