@@ -199,7 +199,7 @@ class Sender:
             pool, self._heads_of, name="sender-heads", transaction=False
         )
         self._claims: GroupCommit[str, store.ReplyRow | None] = GroupCommit(
-            pool, self._claim_heads_of, name="sender-claims", transaction=False
+            pool, functools.partial(self._heads_of, claim=True), name="sender-claims", transaction=False
         )
         self._marks: GroupCommit[str, None] = GroupCommit(
             pool, self._mark_sending, name="sender-marks", transaction=False
@@ -467,14 +467,11 @@ class Sender:
 
     # -- the batches of the concurrent sends (GroupCommit) ---------------------------------------
 
-    async def _heads_of(self, conn: asyncpg.Connection, phones: list[str]) -> list[store.ReplyRow | None]:
-        heads = await store.heads_of(conn, phones, hold_seconds=self._hold)
-        return [heads.get(phone) for phone in phones]
-
-    async def _claim_heads_of(
-        self, conn: asyncpg.Connection, phones: list[str]
+    async def _heads_of(
+        self, conn: asyncpg.Connection, phones: list[str], *, claim: bool = False
     ) -> list[store.ReplyRow | None]:
-        heads = await store.claim_heads(conn, phones, hold_seconds=self._hold)
+        read = store.claim_heads if claim else store.heads_of
+        heads = await read(conn, phones, hold_seconds=self._hold)
         return [heads.get(phone) for phone in phones]
 
     async def _mark_sending(self, conn: asyncpg.Connection, reply_keys: list[str]) -> list[None]:
