@@ -44,7 +44,7 @@ from orbion_common.cli.webhooks import cloud_text_webhook, sign
 from orbion_common.events import UndecodableEvent, decode
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp
-from tests.integration.system import System, free_port
+from tests.integration.system import System, free_ports
 
 APP_SECRET = "reliability-app-secret"
 API_KEY = "reliability-api-key"
@@ -70,7 +70,7 @@ class FaultSystem(System):
 
     def start_replica(self, name: str) -> str:
         """Another process of ``name`` on a port of its own; returns its base URL."""
-        port = free_port()
+        [port] = free_ports(1)
         index = len(self.replicas.get(name, [])) + 2
         env = self.env
         env[f"ORBION_{name.upper().replace('-', '_')}_PORT"] = str(port)
