@@ -94,6 +94,14 @@ def make_settings(urls: dict[str, str], tag: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def cloud_settings(urls: dict[str, str], tag: str, base_url: str, **overrides: Any) -> Settings:
+    """:func:`make_settings` sending through the fake WhatsApp Cloud API at ``base_url``."""
+    return make_settings(
+        urls, tag, whatsapp_token="test-token", whatsapp_api_base_url=base_url,
+        whatsapp_phone_number_id="1234567890", **overrides,
+    )  # fmt: skip
+
+
 @pytest.fixture(autouse=True)
 async def _close_http_clients() -> AsyncIterator[None]:
     """Each test's service wiring is closed after it (no aiohttp session left unclosed)."""

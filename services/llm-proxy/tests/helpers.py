@@ -6,9 +6,9 @@ import random
 import uuid
 from typing import Any
 
-from orbion_common.events import ReplyRequested
+from orbion_common.events import Event, ReplyRequested
 from orbion_common.events.messaging import ReplyRequestedPayload
-from orbion_llm_proxy import bootstrap
+from orbion_llm_proxy import bootstrap, store
 from orbion_llm_proxy.deps import Deps
 
 _built: list[Deps] = []
@@ -44,3 +44,17 @@ def reply_requested(phone: str, text: str = "Olá, quanto custa?", **payload: ob
     }
     values.update(payload)
     return ReplyRequested.create(phone, ReplyRequestedPayload(**values))  # type: ignore[arg-type]
+
+
+async def stored_events(deps: Deps, phone: str) -> list[Event]:
+    """The contact's stream in the llm-proxy's event store, oldest first."""
+    async with deps.pool.acquire() as conn:
+        return [s.event for s in await deps.events.load_stream(conn, phone)]
+
+
+async def reply_state(deps: Deps, reply_key: str) -> str:
+    """The state of a stored reply ('pending', 'sending', 'sent', 'failed')."""
+    async with deps.pool.acquire() as conn:
+        row = await store.get_reply(conn, reply_key)
+    assert row is not None
+    return row.state

@@ -10,12 +10,7 @@ from orbion_common.events.messaging import ReplySource
 from orbion_llm_proxy import store
 
 from .conftest import make_settings
-from .helpers import build_deps, new_phone, reply_requested
-
-
-async def _events(deps, phone: str) -> list:  # type: ignore[no-untyped-def]
-    async with deps.pool.acquire() as conn:
-        return [s.event for s in await deps.events.load_stream(conn, phone)]
+from .helpers import build_deps, new_phone, reply_requested, stored_events
 
 
 async def test_fallback_reply_goes_to_outbox_with_both_events(
@@ -29,7 +24,7 @@ async def test_fallback_reply_goes_to_outbox_with_both_events(
     await deps.handlers.answer_reply_request(req)
     await deps.sender.drain()
 
-    events = await _events(deps, phone)
+    events = await stored_events(deps, phone)
     assert [e.type for e in events] == ["ReplyGenerated", "MessageSent"]
     generated, sent = events
     assert isinstance(generated, ReplyGenerated) and isinstance(sent, MessageSent)
@@ -58,7 +53,7 @@ async def test_redelivered_request_generates_and_sends_once(
     await deps.handlers.answer_reply_request(twin)
     await deps.sender.drain()
 
-    assert [e.type for e in await _events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
+    assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
     async with pool.acquire() as conn:
         assert len(await store.list_outbox(conn, phone=phone, limit=10)) == 1
 
@@ -72,7 +67,7 @@ async def test_replies_of_one_contact_leave_in_request_order(
     for req in reqs:
         await deps.handlers.answer_reply_request(req)
     await deps.sender.drain()
-    sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    sent = [e for e in await stored_events(deps, phone) if isinstance(e, MessageSent)]
     assert [e.payload.reply_key for e in sent] == [r.payload.reply_key for r in reqs]
 
 
@@ -87,6 +82,6 @@ async def test_human_verification_question_is_sent_once(
     await deps.handlers.ask_human_verification(event)
     await deps.handlers.ask_human_verification(event)
     await deps.sender.drain()
-    sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    sent = [e for e in await stored_events(deps, phone) if isinstance(e, MessageSent)]
     assert [e.payload.text for e in sent] == ["Quanto é 3 + 4?"]
     assert sent[0].causation_id == event.event_id

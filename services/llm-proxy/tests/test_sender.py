@@ -16,20 +16,8 @@ from tests.fakes.evolution import FakeEvolution
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp
 
-from .conftest import make_settings
-from .helpers import build_deps, new_phone, reply_requested
-
-
-def _cloud(urls: dict[str, str], tag: str, base_url: str, **kw: Any) -> Any:
-    return make_settings(
-        urls, tag, whatsapp_token="test-token", whatsapp_api_base_url=base_url,
-        whatsapp_phone_number_id="1234567890", **kw,
-    )  # fmt: skip
-
-
-async def _events(deps: Deps, phone: str) -> list[Any]:
-    async with deps.pool.acquire() as conn:
-        return [s.event for s in await deps.events.load_stream(conn, phone)]
+from .conftest import cloud_settings, make_settings
+from .helpers import build_deps, new_phone, reply_requested, reply_state, stored_events
 
 
 async def _settle(deps: Deps, rounds: int = 60) -> None:
@@ -53,7 +41,7 @@ async def test_reply_is_sent_in_thread_with_provider_id(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone)
         await deps.handlers.answer_reply_request(req)
@@ -63,7 +51,7 @@ async def test_reply_is_sent_in_thread_with_provider_id(
         await _settle(deps)
     [record] = fake.sent
     assert record["to"] == phone and record["context_message_id"] == req.payload.reply_to_message_id
-    [sent] = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    [sent] = [e for e in await stored_events(deps, phone) if isinstance(e, MessageSent)]
     assert sent.payload.via == "cloud_api" and sent.payload.provider_message_id == record["id"]
 
 
@@ -72,7 +60,7 @@ async def test_pair_rate_limit_backs_off_then_succeeds(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         fake.script_errors(131056, 130429)
         phone = new_phone()
         await deps.handlers.answer_reply_request(reply_requested(phone))
@@ -80,7 +68,7 @@ async def test_pair_rate_limit_backs_off_then_succeeds(
     assert [r["code"] for r in fake.rejected] == [131056, 130429]
     assert len(fake.sent) == 1
     assert deps.breakers["whatsapp"].state == "closed"  # rate limits are not an outage
-    assert [e.type for e in await _events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
+    assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
 
 
 async def test_outside_24h_window_fails_without_retry(
@@ -88,7 +76,7 @@ async def test_outside_24h_window_fails_without_retry(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         fake.script_errors(131047)
         phone = new_phone()
         await deps.handlers.answer_reply_request(reply_requested(phone))
@@ -96,7 +84,7 @@ async def test_outside_24h_window_fails_without_retry(
         await asyncio.sleep(0.1)
         await deps.sender.drain()
     assert [r["code"] for r in fake.rejected] == [131047] and fake.sent == []
-    events = await _events(deps, phone)
+    events = await stored_events(deps, phone)
     assert [e.type for e in events] == ["ReplyGenerated", "SendFailed"]
     failed = events[1]
     assert isinstance(failed, SendFailed)
@@ -110,7 +98,7 @@ async def test_long_reply_is_split_into_ordered_parts(
     long_text = "Esta é uma resposta bem detalhada sobre o nosso produto. " * 160  # ~9100 chars
     openai, whatsapp = FakeOpenAI(reply_text=long_text), FakeWhatsApp()
     async with openai as openai_url, whatsapp as wa_url:
-        settings = _cloud(urls, tag, wa_url, openai_api_key="sk-test", openai_base_url=openai_url)
+        settings = cloud_settings(urls, tag, wa_url, openai_api_key="sk-test", openai_base_url=openai_url)
         deps = build_deps(settings, pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone, "me explica tudo")
@@ -123,7 +111,7 @@ async def test_long_reply_is_split_into_ordered_parts(
     assert _in_doubt_windows() - measured_before == 3
     assert " ".join(texts) == long_text.strip()
     assert [r["context_message_id"] for r in whatsapp.sent] == [req.payload.reply_to_message_id, "", ""]
-    sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    sent = [e for e in await stored_events(deps, phone) if isinstance(e, MessageSent)]
     assert [(e.payload.part, e.payload.parts) for e in sent] == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -132,7 +120,8 @@ async def test_outage_keeps_replies_pending_then_delivers_each_once_in_order(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url, whatsapp_breaker_fail_max=3), pool, schema=schema)
+        settings = cloud_settings(urls, tag, base_url, whatsapp_breaker_fail_max=3)
+        deps = build_deps(settings, pool, schema=schema)
         fake.fail_status = 500
         phones = [new_phone() for _ in range(3)]
         keys: dict[str, list[str]] = {p: [] for p in phones}
@@ -160,7 +149,7 @@ async def test_outage_keeps_replies_pending_then_delivers_each_once_in_order(
             await worker
     assert len(fake.sent) == 9
     for phone in phones:
-        sent = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+        sent = [e for e in await stored_events(deps, phone) if isinstance(e, MessageSent)]
         assert [e.payload.reply_key for e in sent] == keys[phone]
         texts = [r["text"] for r in fake.sent if r["to"] == phone]
         assert len(texts) == 3
@@ -171,7 +160,7 @@ async def test_a_reply_stored_while_the_sender_leads_goes_out_without_a_look_at_
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url, sender_poll_seconds=30.0), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url, sender_poll_seconds=30.0), pool, schema=schema)
         worker = asyncio.create_task(deps.sender.run())
         try:
             for _ in range(100):
@@ -208,7 +197,7 @@ async def test_a_due_reply_is_marked_sending_by_the_read_that_finds_it_before_th
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone)
         await deps.handlers.answer_reply_request(req)
@@ -218,10 +207,7 @@ async def test_a_due_reply_is_marked_sending_by_the_read_that_finds_it_before_th
         send_text, mark_sending = deps.sender.provider.send_text, store.mark_sending
 
         async def observed(*args: Any) -> str:
-            async with pool.acquire() as conn:
-                row = await store.get_reply(conn, req.payload.reply_key)
-            assert row is not None
-            states_during_call.append(row.state)
+            states_during_call.append(await reply_state(deps, req.payload.reply_key))
             return await send_text(*args)
 
         async def counted(*args: Any) -> None:
@@ -249,11 +235,11 @@ async def test_a_reply_not_due_yet_is_read_but_not_claimed(
         await store.reschedule(conn, key, 60.0, "paced", count_attempt=False)
         [head] = (await store.claim_heads(conn, [phone])).values()
         assert (head.reply_key, head.claimed) == (key, False)
-        assert (await store.get_reply(conn, key)).state == "pending"  # type: ignore[union-attr]
+        assert await reply_state(deps, key) == "pending"
         await store.reschedule(conn, key, 0.0, "", count_attempt=False)
         [head] = (await store.claim_heads(conn, [phone])).values()
         assert head.claimed and head.state == "pending"  # as it was read
-        assert (await store.get_reply(conn, key)).state == "sending"  # type: ignore[union-attr]
+        assert await reply_state(deps, key) == "sending"
 
 
 async def test_send_in_doubt_after_a_crash_is_not_repeated(
@@ -261,19 +247,19 @@ async def test_send_in_doubt_after_a_crash_is_not_repeated(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone)
         await deps.handlers.answer_reply_request(req)
         # The process died during the HTTP call: the row says "sending", the result is unknown.
         async with pool.acquire() as conn:
             await store.mark_sending(conn, [req.payload.reply_key])
-        fresh = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)  # the restarted process
+        fresh = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)  # the restarted process
         assert await fresh.sender.recover_in_doubt() == 1
         await fresh.handlers.answer_reply_request(req)  # JetStream redelivers the request too
         await _settle(fresh)
     assert fake.sent == []
-    events = await _events(fresh, phone)
+    events = await stored_events(fresh, phone)
     assert [e.type for e in events] == ["ReplyGenerated", "SendFailed"]
     assert events[1].payload.reason == "outcome_unknown"
 
@@ -295,7 +281,7 @@ async def test_evolution_provider_sends_with_quoted_message(
     [record] = fake.sent
     assert record["to"] == phone and record["instance"] == "orbion"
     assert record["context_message_id"] == req.payload.reply_to_message_id
-    [sent] = [e for e in await _events(deps, phone) if isinstance(e, MessageSent)]
+    [sent] = [e for e in await stored_events(deps, phone) if isinstance(e, MessageSent)]
     assert sent.payload.via == "evolution" and sent.payload.provider_message_id == record["id"]
 
 
@@ -304,7 +290,7 @@ async def test_unexpected_error_during_a_send_is_not_retried_blindly(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         provider = deps.sender.provider
         assert provider is not None
         real_send = provider.send_text
@@ -326,7 +312,7 @@ async def test_unexpected_error_during_a_send_is_not_retried_blindly(
         await _settle(deps)
     assert calls == 1
     assert len(fake.sent) == 2  # the first reply once (accepted before the bug), the second once
-    events = await _events(deps, phone)
+    events = await stored_events(deps, phone)
     assert [e.type for e in events] == ["ReplyGenerated", "ReplyGenerated", "SendFailed", "MessageSent"]
     assert events[2].payload.reason == "outcome_unknown"
     assert events[3].payload.reply_key == second.payload.reply_key  # the next one still goes out

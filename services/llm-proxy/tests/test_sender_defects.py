@@ -24,17 +24,10 @@ from orbion_llm_proxy import store
 from orbion_llm_proxy.deps import Deps
 from tests.fakes.whatsapp import FakeWhatsApp
 
-from .conftest import make_settings
-from .helpers import build_deps, new_phone, reply_requested
+from .conftest import cloud_settings
+from .helpers import build_deps, new_phone, reply_requested, reply_state, stored_events
 
 SendText = Callable[[str, str, str], Awaitable[str]]
-
-
-def _cloud(urls: dict[str, str], tag: str, base_url: str, **kw: Any) -> Any:
-    return make_settings(
-        urls, tag, whatsapp_token="test-token", whatsapp_api_base_url=base_url,
-        whatsapp_phone_number_id="1234567890", **kw,
-    )  # fmt: skip
 
 
 def _after_send(deps: Deps, then: Callable[[], Awaitable[None]]) -> None:
@@ -53,18 +46,6 @@ def _after_send(deps: Deps, then: Callable[[], Awaitable[None]]) -> None:
         return provider_id
 
     provider.send_text = send  # type: ignore[method-assign]
-
-
-async def _types(deps: Deps, phone: str) -> list[str]:
-    async with deps.pool.acquire() as conn:
-        return [s.event.type for s in await deps.events.load_stream(conn, phone)]
-
-
-async def _state(deps: Deps, reply_key: str) -> str:
-    async with deps.pool.acquire() as conn:
-        row = await store.get_reply(conn, reply_key)
-    assert row is not None
-    return row.state
 
 
 @pytest.fixture
@@ -87,7 +68,7 @@ async def test_delivered_reply_is_recorded_although_the_consumer_appended_meanwh
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone)
         await deps.handlers.answer_reply_request(req)
@@ -113,8 +94,9 @@ async def test_delivered_reply_is_recorded_although_the_consumer_appended_meanwh
         finally:
             await pool.release(rival)
     assert len(fake.sent) == 1
-    assert await _state(deps, req.payload.reply_key) == store.SENT
-    assert await _types(deps, phone) == ["ReplyGenerated", "ReplyGenerated", "MessageSent"]
+    assert await reply_state(deps, req.payload.reply_key) == store.SENT
+    types = [e.type for e in await stored_events(deps, phone)]
+    assert types == ["ReplyGenerated", "ReplyGenerated", "MessageSent"]
 
 
 async def test_delivered_reply_is_recorded_after_the_database_connections_broke(
@@ -122,7 +104,7 @@ async def test_delivered_reply_is_recorded_after_the_database_connections_broke(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), named_pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), named_pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone)
         await deps.handlers.answer_reply_request(req)
@@ -143,8 +125,8 @@ async def test_delivered_reply_is_recorded_after_the_database_connections_broke(
         await deps.sender.drain()
         await deps.sender.drain()
     assert len(fake.sent) == 1
-    assert await _state(deps, req.payload.reply_key) == store.SENT
-    assert await _types(deps, phone) == ["ReplyGenerated", "MessageSent"]
+    assert await reply_state(deps, req.payload.reply_key) == store.SENT
+    assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
 
 
 async def test_live_sender_does_not_settle_its_own_send_in_flight_as_in_doubt(
@@ -152,7 +134,7 @@ async def test_live_sender_does_not_settle_its_own_send_in_flight_as_in_doubt(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone)
         await deps.handlers.answer_reply_request(req)
@@ -164,7 +146,7 @@ async def test_live_sender_does_not_settle_its_own_send_in_flight_as_in_doubt(
         _after_send(deps, leadership_regained)
         await deps.sender.drain()
     assert settled == [0]
-    assert await _types(deps, phone) == ["ReplyGenerated", "MessageSent"]
+    assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
 
 
 def _requested(phone: str, text: str, at_offset_s: float, **payload: Any) -> ReplyRequested:
@@ -177,7 +159,7 @@ async def test_replies_go_out_in_request_order_not_arrival_order(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         first, second = _requested(phone, "um", 0.0), _requested(phone, "dois", 1.0)
         await deps.handlers.answer_reply_request(second)  # the first was redelivered late
@@ -195,7 +177,7 @@ async def test_reply_waits_for_the_contacts_previous_request(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         first = _requested(phone, "um", 0.0)
         second = _requested(phone, "dois", 1.0, previous_reply_key=first.payload.reply_key)
@@ -217,7 +199,8 @@ async def test_a_previous_request_that_never_comes_holds_the_reply_only_briefly(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url, sender_order_hold_seconds=0.5), pool, schema=schema)
+        settings = cloud_settings(urls, tag, base_url, sender_order_hold_seconds=0.5)
+        deps = build_deps(settings, pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone, previous_reply_key="rk-dead-lettered")
         await deps.handlers.answer_reply_request(req)
@@ -230,4 +213,4 @@ async def test_a_previous_request_that_never_comes_holds_the_reply_only_briefly(
                 break
     assert held == []
     assert [r["context_message_id"] for r in fake.sent] == [req.payload.reply_to_message_id]
-    assert MessageSent.__name__ in await _types(deps, phone)
+    assert MessageSent.__name__ in [e.type for e in await stored_events(deps, phone)]

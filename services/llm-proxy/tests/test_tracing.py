@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import asyncpg
 import pytest
@@ -26,7 +25,7 @@ from orbion_llm_proxy import store
 from orbion_llm_proxy.deps import Deps
 from tests.fakes.whatsapp import FakeWhatsApp
 
-from .conftest import make_settings
+from .conftest import cloud_settings
 from .helpers import build_deps, new_phone, reply_requested
 
 
@@ -38,13 +37,6 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     telemetry.add_span_processor(SimpleSpanProcessor(spans))
     yield spans
     spans.shutdown()  # processors cannot be removed; a shut-down exporter stops keeping spans
-
-
-def _cloud(urls: dict[str, str], tag: str, base_url: str) -> Any:
-    return make_settings(
-        urls, tag, whatsapp_token="test-token", whatsapp_api_base_url=base_url,
-        whatsapp_phone_number_id="1234567890",
-    )  # fmt: skip
 
 
 async def _send_all(deps: Deps) -> None:
@@ -72,7 +64,7 @@ async def test_whatsapp_send_continues_the_trace_saved_with_the_reply(
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         req = reply_requested(new_phone())
         # As the bus does: the handler runs in the consumer span that continues the message's trace.
         tracer = telemetry.tracer("test.llm_proxy")
@@ -109,7 +101,7 @@ async def test_a_reply_stored_without_trace_context_is_sent_in_a_new_trace_with_
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
-        deps = build_deps(_cloud(urls, tag, base_url), pool, schema=schema)
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
         req = reply_requested(new_phone())
         await deps.handlers.answer_reply_request(req)  # no current span: nothing to continue
         await _send_all(deps)
