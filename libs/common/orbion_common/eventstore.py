@@ -143,17 +143,6 @@ class EventStore:
                  WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
             ORDER BY e.n
             RETURNING event_id, position"""
-        # Each event after its stream's last version, in the order given within a stream.
-        self._sql_insert_next = f"""
-            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
-            SELECT e.event_id, e.stream_id,
-                   coalesce((SELECT max(x.version) FROM {s}.events x WHERE x.stream_id = e.stream_id), 0)
-                   + row_number() OVER (PARTITION BY e.stream_id ORDER BY e.n),
-                   e.type, e.occurred_at, e.body::jsonb, e.trace::jsonb
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
-                 WITH ORDINALITY AS e(event_id, stream_id, type, occurred_at, body, trace, n)
-            ORDER BY e.n
-            RETURNING event_id, position"""
         self._sql_versions = (
             f"SELECT stream_id, max(version) AS version FROM {s}.events "
             f"WHERE stream_id = ANY($1::text[]) GROUP BY stream_id"
@@ -291,18 +280,47 @@ class EventStore:
         """
         if not events:
             return []
+        sql, args = self.insert_next(events, trace_contexts)
+        rows = await _insert(conn, sql, args, savepoint, "concurrent append")
+        positions = {r["event_id"]: r["position"] for r in rows}
+        return [positions[e.event_id] for e in events]
+
+    def insert_next(
+        self,
+        events: Sequence[Envelope],
+        trace_contexts: Sequence[str | None] | None = None,
+        *,
+        first: int = 1,
+        only: str = "",
+    ) -> tuple[str, list[object]]:
+        """The INSERT of :meth:`append_next` (``RETURNING event_id, position``) and its arguments,
+        numbered from ``$first``: for a writer that stores its own rows in the same statement,
+        the INSERT as one of its data-modifying CTEs. ``only``, a condition on ``e.event_id``:
+        the events that do not meet it are left out before the versions are counted."""
+        s = f'"{self.schema}"'
+        p = [f"${first + i}" for i in range(6)]
+        sql = f"""
+            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
+            SELECT e.event_id, e.stream_id,
+                   coalesce((SELECT max(x.version) FROM {s}.events x WHERE x.stream_id = e.stream_id), 0)
+                   + row_number() OVER (PARTITION BY e.stream_id ORDER BY e.n),
+                   e.type, e.occurred_at, e.body::jsonb, e.trace::jsonb
+            FROM unnest({p[0]}::text[], {p[1]}::text[], {p[2]}::text[], {p[3]}::timestamptz[],
+                        {p[4]}::text[], {p[5]}::text[])
+                 WITH ORDINALITY AS e(event_id, stream_id, type, occurred_at, body, trace, n)
+            {f"WHERE {only}" if only else ""}
+            ORDER BY e.n
+            RETURNING event_id, position"""
         traces = list(trace_contexts) if trace_contexts is not None else [trace_context()] * len(events)
-        args = (
+        args: list[object] = [
             [e.event_id for e in events],
             [e.stream_id for e in events],
             [e.type for e in events],
             [e.occurred_at for e in events],
             [encode(e).decode() for e in events],
             traces,
-        )
-        rows = await _insert(conn, self._sql_insert_next, args, savepoint, "concurrent append")
-        positions = {r["event_id"]: r["position"] for r in rows}
-        return [positions[e.event_id] for e in events]
+        ]
+        return sql, args
 
     async def stream_versions(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> dict[str, int]:
         """The current version of each stream (0 for a stream with no event yet)."""

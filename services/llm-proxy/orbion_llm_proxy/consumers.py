@@ -89,7 +89,7 @@ class Handlers:
 
     def __post_init__(self) -> None:
         self._lookups = GroupCommit(self.pool, self._stored, name="reply-lookups", transaction=False)
-        self._writes = GroupCommit(self.pool, self._store, name="replies")
+        self._writes = GroupCommit(self.pool, self._store, name="replies", transaction=False)
 
     async def answer_reply_request(self, event: Event, delivery: Delivery | None = None) -> None:
         if not isinstance(event, ReplyRequested):
@@ -171,16 +171,18 @@ class Handlers:
         return [key in stored for key in reply_keys]
 
     async def _store(self, conn: asyncpg.Connection, batch: list[_Store]) -> list[bool]:
-        """Rows, then the events of the rows stored now, each after its stream's current version
-        (in batch order within a stream). A version another writer took meanwhile (the sender's
-        ``MessageSent``) raises ``ConcurrencyError``: the batch is run again item by item."""
-        fresh = await store.insert_replies(conn, [s.reply for s in batch])
+        """Rows, and the events of the rows stored now, each after its stream's current version
+        (in batch order within a stream), in one statement. A version another writer took
+        meanwhile (the sender's ``MessageSent``) raises ``ConcurrencyError``: the batch is run
+        again item by item."""
         # By stream, as every batch writer orders them, so that row locks cannot deadlock.
-        new = sorted(
-            ((s.event, s.trace) for s in batch if s.event is not None and s.reply.reply_key in fresh),
-            key=lambda item: item[0].stream_id,
+        generated = sorted(
+            ((s.reply.reply_key, s.event, s.trace) for s in batch if s.event is not None),
+            key=lambda item: item[1].stream_id,
         )
-        await self.events.append_next(conn, [e for e, _ in new], [t for _, t in new], savepoint=False)
+        fresh = await store.insert_replies(
+            conn, [s.reply for s in batch], events=self.events, generated=generated
+        )
         return [s.reply.reply_key in fresh for s in batch]
 
     async def queue_lead_export(self, event: Event, delivery: Delivery | None = None) -> None:

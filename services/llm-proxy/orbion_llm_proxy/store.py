@@ -17,6 +17,9 @@ from typing import Any
 
 import asyncpg
 
+from orbion_common.events import Envelope
+from orbion_common.eventstore import ConcurrencyError, EventStore
+
 SCHEMA = "llm_proxy"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -91,15 +94,7 @@ async def stored_reply_keys(conn: asyncpg.Connection, reply_keys: Sequence[str])
     return {r["reply_key"] for r in rows}
 
 
-async def insert_replies(conn: asyncpg.Connection, replies: Sequence[NewReply]) -> set[str]:
-    """Store replies to send, in the order given (their ``seq``); returns the keys stored now
-    (a ``reply_key`` already stored changes nothing).
-
-    ``trace_context`` (``traceparent``/``tracestate``) is where the sender's span will continue.
-    ``requested_at`` (when the request was made; default now) orders the contact's replies;
-    ``previous_reply_key`` is the contact's previous request, waited for (see ``due_heads``)."""
-    rows = await conn.fetch(
-        """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
+_INSERT_REPLIES = """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
                                 correlation_id, causation_id, trace_context, requested_at,
                                 previous_reply_key)
            SELECT r.key, r.phone, r.kind, r.text,
@@ -112,7 +107,28 @@ async def insert_replies(conn: asyncpg.Connection, replies: Sequence[NewReply]) 
                 WITH ORDINALITY AS r(key, phone, kind, text, parts, reply_to, source, correlation_id,
                                      causation_id, trace, requested_at, previous_key, n)
            ORDER BY r.n
-           ON CONFLICT (reply_key) DO NOTHING RETURNING reply_key""",
+           ON CONFLICT (reply_key) DO NOTHING RETURNING reply_key"""
+
+
+async def insert_replies(
+    conn: asyncpg.Connection,
+    replies: Sequence[NewReply],
+    *,
+    events: EventStore | None = None,
+    generated: Sequence[tuple[str, Envelope, str | None]] = (),
+) -> set[str]:
+    """Store replies to send, in the order given (their ``seq``); returns the keys stored now
+    (a ``reply_key`` already stored changes nothing).
+
+    ``trace_context`` (``traceparent``/``tracestate``) is where the sender's span will continue.
+    ``requested_at`` (when the request was made; default now) orders the contact's replies;
+    ``previous_reply_key`` is the contact's previous request, waited for (see ``due_heads``).
+
+    ``generated``: (reply key, event, trace context) of events to append to ``events`` in the
+    same statement, each after its stream's last version, for the replies stored now only.
+    One statement is atomic without a transaction: a version another writer took meanwhile
+    raises :class:`ConcurrencyError`, and nothing is stored."""
+    args: list[object] = [
         [r.reply_key for r in replies],
         [r.phone for r in replies],
         [r.kind for r in replies],
@@ -126,7 +142,33 @@ async def insert_replies(conn: asyncpg.Connection, replies: Sequence[NewReply]) 
         [json.dumps(dict(r.trace_context)) if r.trace_context else None for r in replies],
         [r.requested_at for r in replies],
         [r.previous_reply_key for r in replies],
+    ]
+    if not generated:
+        rows = await conn.fetch(_INSERT_REPLIES, *args)
+        return {r["reply_key"] for r in rows}
+    assert events is not None
+    event_sql, event_args = events.insert_next(
+        [e for _, e, _ in generated],
+        [t for _, _, t in generated],
+        first=len(args) + 3,
+        only="e.event_id IN (SELECT event_id FROM fresh_events)",
     )
+    try:
+        rows = await conn.fetch(
+            f"""WITH fresh AS ({_INSERT_REPLIES}),
+               fresh_events AS (
+                   SELECT k.event_id FROM unnest(${len(args) + 1}::text[], ${len(args) + 2}::text[])
+                        AS k(reply_key, event_id) JOIN fresh USING (reply_key)
+               ),
+               appended AS ({event_sql})
+               SELECT reply_key FROM fresh""",
+            *args,
+            [key for key, _, _ in generated],
+            [e.event_id for _, e, _ in generated],
+            *event_args,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise ConcurrencyError(f"concurrent append: {exc.detail}") from exc
     return {r["reply_key"] for r in rows}
 
 

@@ -6,6 +6,7 @@ import random
 import uuid
 from typing import Any
 
+from orbion_common.bus import Delivery
 from orbion_common.events import Event, ReplyRequested
 from orbion_common.events.messaging import ReplyRequestedPayload
 from orbion_llm_proxy import bootstrap, store
@@ -28,6 +29,11 @@ async def close_built() -> None:
         await deps.responder.aclose()
         if deps.sender.provider is not None:  # None: replies go to the local outbox
             await deps.sender.provider.aclose()
+
+
+def delivery(times: int) -> Delivery:
+    """What a handler is told of a JetStream message delivered ``times`` times (1: the first)."""
+    return Delivery(num_delivered=times, subject="", headers={}, _msg=None)  # type: ignore[arg-type]
 
 
 def new_phone() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
 from orbion_common.events import HumanVerificationRequested, MessageSent, ReplyGenerated
@@ -10,7 +12,7 @@ from orbion_common.events.messaging import ReplySource
 from orbion_llm_proxy import store
 
 from .conftest import make_settings
-from .helpers import build_deps, new_phone, reply_requested, stored_events
+from .helpers import build_deps, delivery, new_phone, reply_requested, stored_events
 
 
 async def test_fallback_reply_goes_to_outbox_with_both_events(
@@ -56,6 +58,23 @@ async def test_redelivered_request_generates_and_sends_once(
     assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
     async with pool.acquire() as conn:
         assert len(await store.list_outbox(conn, phone=phone, limit=10)) == 1
+
+
+async def test_a_batch_with_a_copy_of_a_stored_request_appends_only_the_new_reply_at_the_next_version(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> None:
+    deps = build_deps(make_settings(urls, tag), pool, schema=schema)
+    phone = new_phone()
+    first, second = reply_requested(phone, "primeira"), reply_requested(phone, "segunda")
+    await deps.handlers.answer_reply_request(first)
+    # A copy of the first, delivered as new (not looked up), in one batch with the second.
+    await asyncio.gather(
+        deps.handlers.answer_reply_request(first, delivery(1)),
+        deps.handlers.answer_reply_request(second, delivery(1)),
+    )
+    async with pool.acquire() as conn:
+        stream = [(s.version, s.event.payload.reply_key) for s in await deps.events.load_stream(conn, phone)]
+    assert stream == [(1, first.payload.reply_key), (2, second.payload.reply_key)]  # no gap, no copy
 
 
 async def test_replies_of_one_contact_leave_in_request_order(

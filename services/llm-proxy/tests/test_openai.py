@@ -8,14 +8,13 @@ import asyncio
 import asyncpg
 import redis.asyncio as aioredis
 
-from orbion_common.bus import Delivery
 from orbion_common.events import BreakerStateChanged, ReplyGenerated
 from orbion_common.events.messaging import ReplySource
 from orbion_llm_proxy import store
 from tests.fakes.openai import FakeOpenAI
 
 from .conftest import make_settings
-from .helpers import build_deps, new_phone, reply_requested
+from .helpers import build_deps, delivery, new_phone, reply_requested
 
 
 def _openai_settings(urls: dict[str, str], tag: str, base_url: str, **kw: object):  # type: ignore[no-untyped-def]
@@ -122,20 +121,17 @@ async def test_rate_limited_openai_is_retried_then_answered_by_the_fallback(
 async def test_a_redelivered_request_is_not_asked_again_and_a_late_copy_is_still_sent_once(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
-    def delivered(times: int) -> Delivery:
-        return Delivery(num_delivered=times, subject="", headers={}, _msg=None)  # type: ignore[arg-type]
-
     fake = FakeOpenAI()
     async with fake as base_url:
         deps = build_deps(_openai_settings(urls, tag, base_url), pool, schema=schema)
         phone = new_phone()
         req = reply_requested(phone, "Preciso de um CRM para a minha equipe")
-        await deps.handlers.answer_reply_request(req, delivered(1))
-        await deps.handlers.answer_reply_request(req, delivered(2))  # its ack was lost
+        await deps.handlers.answer_reply_request(req, delivery(1))
+        await deps.handlers.answer_reply_request(req, delivery(2))  # its ack was lost
         assert len(fake.requests) == 1  # a redelivery is looked up: OpenAI is not asked again
         # A copy published again beyond JetStream's duplicate window comes as a first delivery:
         # it is not looked up, so OpenAI answers once more, but the stored row stops a second reply.
-        await deps.handlers.answer_reply_request(req, delivered(1))
+        await deps.handlers.answer_reply_request(req, delivery(1))
         assert len(fake.requests) == 2
         await deps.sender.drain()
     assert len(await _generated(deps, phone)) == 1
