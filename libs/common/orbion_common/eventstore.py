@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Generic, NamedTuple, TypeVar
 
 import asyncpg
@@ -249,16 +250,8 @@ class EventStore:
         """
         if not events:
             return []
-        traces = list(trace_contexts) if trace_contexts is not None else [trace_context()] * len(events)
-        args = (
-            [e.event_id for e, _ in events],
-            [e.stream_id for e, _ in events],
-            [v for _, v in events],
-            [e.type for e, _ in events],
-            [e.occurred_at for e, _ in events],
-            [encode(e).decode() for e, _ in events],
-            traces,
-        )
+        ids, streams, types, occurred, bodies, traces = _columns([e for e, _ in events], trace_contexts)
+        args = (ids, streams, [v for _, v in events], types, occurred, bodies, traces)
         rows = await _insert(conn, self._sql_insert_many, args, savepoint, "concurrent append")
         positions = {r["event_id"]: r["position"] for r in rows}
         return [positions[e.event_id] for e, _ in events]
@@ -281,7 +274,7 @@ class EventStore:
         if not events:
             return []
         sql, args = self.insert_next(events, trace_contexts)
-        rows = await _insert(conn, sql, args, savepoint, "concurrent append")
+        rows = await self.fetch_appending(conn, sql, args, savepoint=savepoint)
         positions = {r["event_id"]: r["position"] for r in rows}
         return [positions[e.event_id] for e in events]
 
@@ -295,8 +288,9 @@ class EventStore:
     ) -> tuple[str, list[object]]:
         """The INSERT of :meth:`append_next` (``RETURNING event_id, position``) and its arguments,
         numbered from ``$first``: for a writer that stores its own rows in the same statement,
-        the INSERT as one of its data-modifying CTEs. ``only``, a condition on ``e.event_id``:
-        the events that do not meet it are left out before the versions are counted."""
+        the INSERT as one of its data-modifying CTEs (run it with :meth:`fetch_appending`).
+        ``only``, a condition on ``e.event_id``: the events that do not meet it are left out
+        before the versions are counted."""
         s = f'"{self.schema}"'
         p = [f"${first + i}" for i in range(6)]
         sql = f"""
@@ -311,16 +305,14 @@ class EventStore:
             {f"WHERE {only}" if only else ""}
             ORDER BY e.n
             RETURNING event_id, position"""
-        traces = list(trace_contexts) if trace_contexts is not None else [trace_context()] * len(events)
-        args: list[object] = [
-            [e.event_id for e in events],
-            [e.stream_id for e in events],
-            [e.type for e in events],
-            [e.occurred_at for e in events],
-            [encode(e).decode() for e in events],
-            traces,
-        ]
-        return sql, args
+        return sql, list(_columns(events, trace_contexts))
+
+    async def fetch_appending(
+        self, conn: asyncpg.Connection, sql: str, args: Sequence[object], *, savepoint: bool = True
+    ) -> list[asyncpg.Record]:
+        """Run a statement that appends events (one built on :meth:`insert_next`): a unique
+        violation is a :class:`ConcurrencyError` (nothing of the statement is stored)."""
+        return await _insert(conn, sql, args, savepoint, "concurrent append")
 
     async def stream_versions(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> dict[str, int]:
         """The current version of each stream (0 for a stream with no event yet)."""
@@ -432,6 +424,22 @@ class EventStore:
 
     async def save_checkpoint(self, conn: asyncpg.Connection, name: str, position: int) -> None:
         await self.save_cursor(conn, name, Cursor(0, position))
+
+
+def _columns(
+    events: Sequence[Envelope], trace_contexts: Sequence[str | None] | None
+) -> tuple[list[str], list[str], list[str], list[datetime], list[str], list[str | None]]:
+    """The arrays a batch insert unnests: ids, streams, types, times, bodies and trace contexts
+    (by default the current one)."""
+    traces = list(trace_contexts) if trace_contexts is not None else [trace_context()] * len(events)
+    return (
+        [e.event_id for e in events],
+        [e.stream_id for e in events],
+        [e.type for e in events],
+        [e.occurred_at for e in events],
+        [encode(e).decode() for e in events],
+        traces,
+    )
 
 
 async def _insert(

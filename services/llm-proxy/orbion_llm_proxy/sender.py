@@ -323,9 +323,12 @@ class Sender:
         trip less. Otherwise, or when nothing was claimed (the token is given back), a plain read."""
         if self.provider is None or self.breaker.retry_after() > 0 or self.pacer.delay(phone) > 0:
             return await self._heads.submit(phone)
-        head = await self._claims.submit(phone)
-        if head is None or not head.claimed:
-            self.pacer.refund(phone)
+        head = None
+        try:
+            head = await self._claims.submit(phone)
+        finally:
+            if head is None or not head.claimed:  # nothing to send, or the read failed
+                self.pacer.refund(phone)
         return head
 
     # -- one reply -----------------------------------------------------------------------------

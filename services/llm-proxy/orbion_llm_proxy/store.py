@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from orbion_common.events import Envelope
-from orbion_common.eventstore import ConcurrencyError, EventStore
+from orbion_common.eventstore import EventStore
 
 SCHEMA = "llm_proxy"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -95,8 +95,7 @@ async def stored_reply_keys(conn: asyncpg.Connection, reply_keys: Sequence[str])
 
 
 _INSERT_REPLIES = """INSERT INTO replies (reply_key, phone, kind, text, parts, reply_to_message_id, source,
-                                correlation_id, causation_id, trace_context, requested_at,
-                                previous_reply_key)
+                           correlation_id, causation_id, trace_context, requested_at, previous_reply_key)
            SELECT r.key, r.phone, r.kind, r.text,
                   coalesce((SELECT array_agg(p ORDER BY i)
                             FROM jsonb_array_elements_text(r.parts::jsonb) WITH ORDINALITY AS e(p, i)), '{}'),
@@ -153,22 +152,18 @@ async def insert_replies(
         first=len(args) + 3,
         only="e.event_id IN (SELECT event_id FROM fresh_events)",
     )
-    try:
-        rows = await conn.fetch(
-            f"""WITH fresh AS ({_INSERT_REPLIES}),
-               fresh_events AS (
-                   SELECT k.event_id FROM unnest(${len(args) + 1}::text[], ${len(args) + 2}::text[])
-                        AS k(reply_key, event_id) JOIN fresh USING (reply_key)
-               ),
-               appended AS ({event_sql})
-               SELECT reply_key FROM fresh""",
-            *args,
-            [key for key, _, _ in generated],
-            [e.event_id for _, e, _ in generated],
-            *event_args,
-        )
-    except asyncpg.UniqueViolationError as exc:
-        raise ConcurrencyError(f"concurrent append: {exc.detail}") from exc
+    rows = await events.fetch_appending(
+        conn,
+        f"""WITH fresh AS ({_INSERT_REPLIES}),
+           fresh_events AS (
+               SELECT k.event_id FROM unnest(${len(args) + 1}::text[], ${len(args) + 2}::text[])
+                    AS k(reply_key, event_id) JOIN fresh USING (reply_key)
+           ),
+           appended AS ({event_sql})
+           SELECT reply_key FROM fresh""",
+        [*args, [key for key, _, _ in generated], [e.event_id for _, e, _ in generated], *event_args],
+        savepoint=False,  # one statement, in no transaction of its own
+    )
     return {r["reply_key"] for r in rows}
 
 
