@@ -36,7 +36,7 @@ from orbion_common.logging import mask_phone
 from . import domain, projector, store
 from .domain import ContactSummary, MessageItem
 from .history import History
-from .store import PendingRow, Projection
+from .store import DueBurst, PendingRow, Projection
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ async def _recent(conn: asyncpg.Connection, ctx: ReplyContext, phone: str) -> li
 
 
 async def emit_many(
-    conn: asyncpg.Connection, ctx: ReplyContext, rows: Sequence[PendingRow]
+    conn: asyncpg.Connection, ctx: ReplyContext, rows: Sequence[DueBurst]
 ) -> list[StoredEvent]:
     """:func:`emit` for many contacts' bursts in a few statements: ``rows`` as
     :func:`store.take_due` took them, with their streams' versions (read before the contacts,

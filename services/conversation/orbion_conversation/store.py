@@ -409,22 +409,36 @@ class PendingRow:
     reply: PendingReply
     correlation_id: str
     causation_id: str
-    # Read with the due rows (see take_due): the trace context of the burst's last message (its
-    # causation), the contact's stream version and the reply key of its last ReplyRequested.
-    trace_context: str | None = None
-    stream_version: int = 0
-    previous_reply_key: str = ""
+
+
+@dataclass(frozen=True)
+class DueBurst(PendingRow):
+    """A due row as a scheduler round took it (:func:`take_due`), with what the round read of
+    its contact's stream: the trace context of the burst's last message (its causation), the
+    stream's version and the reply key of the contact's last ReplyRequested."""
+
+    trace_context: str | None
+    stream_version: int
+    previous_reply_key: str
 
 
 def _pending(row: asyncpg.Record) -> PendingRow:
-    return PendingRow(
-        PendingReply(phone=row["phone"], inbound_ids=tuple(row["inbound_ids"]), due_at=row["due_at"]),
+    return PendingRow(_reply(row), row["correlation_id"], row["causation_id"])
+
+
+def _due(row: asyncpg.Record) -> DueBurst:
+    return DueBurst(
+        _reply(row),
         row["correlation_id"],
         row["causation_id"],
-        row.get("trace_context"),
-        row.get("stream_version") or 0,
-        row.get("previous_reply_key") or "",
+        row["trace_context"],
+        row["stream_version"] or 0,
+        row["previous_reply_key"] or "",
     )
+
+
+def _reply(row: asyncpg.Record) -> PendingReply:
+    return PendingReply(phone=row["phone"], inbound_ids=tuple(row["inbound_ids"]), due_at=row["due_at"])
 
 
 async def load_pending(conn: asyncpg.Connection, phone: str) -> PendingRow | None:
@@ -488,7 +502,7 @@ async def delete_pending_many(conn: asyncpg.Connection, phones: Sequence[str]) -
 class DueRound:
     """A scheduler round's claim: the due rows it took, and what still waits."""
 
-    rows: list[PendingRow]  # earliest due first
+    rows: list[DueBurst]  # earliest due first
     waiting: int  # rows left in the queue, taken ones excluded
     next_due: datetime | None  # the earliest due time among them
 
@@ -525,5 +539,5 @@ async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRo
         now,
         limit,
     )
-    rows = sorted((_pending(r) for r in records if r["phone"] is not None), key=lambda r: r.reply.due_at)
+    rows = sorted((_due(r) for r in records if r["phone"] is not None), key=lambda r: r.reply.due_at)
     return DueRound(rows, int(records[0]["waiting"]), records[0]["next_due"])
