@@ -30,6 +30,7 @@ from orbion_common.events import (
     stable_event_id,
 )
 from orbion_common.events.messaging import (
+    QUIET_PERIOD_HEAD_START,
     HistoryLine,
     MessageKind,
     MessageReceivedPayload,
@@ -187,14 +188,23 @@ class PendingReply:
     due_at: datetime
 
 
+def quiet_period_start(received_at: datetime, now: datetime) -> datetime:
+    """When the quiet period of a message received by the gateway at ``received_at`` and handled
+    at ``now`` starts: at its receipt, no more than ``QUIET_PERIOD_HEAD_START`` before ``now``,
+    and never after ``now`` (a gateway whose clock runs ahead delays no reply)."""
+    return min(now, max(received_at, now - QUIET_PERIOD_HEAD_START))
+
+
 def extend_burst(
-    pending: PendingReply | None, phone: str, message_id: str, now: datetime, quiet: timedelta
+    pending: PendingReply | None, phone: str, message_id: str, since: datetime, quiet: timedelta
 ) -> PendingReply:
-    """Add an inbound message to the contact's burst; the quiet period restarts from ``now``."""
+    """Add an inbound message to the contact's burst; the quiet period restarts from ``since``
+    (never ending earlier than it did)."""
     ids = pending.inbound_ids if pending is not None else ()
     if message_id not in ids:
         ids = (*ids, message_id)
-    return PendingReply(phone=phone, inbound_ids=ids, due_at=now + quiet)
+    due_at = since + quiet if pending is None else max(pending.due_at, since + quiet)
+    return PendingReply(phone=phone, inbound_ids=ids, due_at=due_at)
 
 
 def reply_key(inbound_ids: Sequence[str]) -> str:

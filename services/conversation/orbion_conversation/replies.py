@@ -101,7 +101,7 @@ def decide_inbound(
         pending.reply if pending is not None else None,
         event.stream_id,
         item.key,
-        now,
+        domain.quiet_period_start(event.occurred_at, now),
         timedelta(seconds=ctx.quiet_seconds),
     )
     correlation = event.correlation_id or event.event_id

@@ -114,6 +114,25 @@ def test_a_burst_collects_messages_and_restarts_the_quiet_period() -> None:
     assert p.due_at == T0 + timedelta(seconds=2.5)
 
 
+def test_the_quiet_period_counts_from_the_gateways_receipt_unless_the_message_came_late() -> None:
+    ms = timedelta(milliseconds=1)
+    # The usual trip from the gateway (a few ms) is part of the contact's pause.
+    assert domain.quiet_period_start(T0 - 30 * ms, T0) == T0 - 30 * ms
+    # A backlog or a redelivery: the rest of the burst may be queued behind it, so it waits
+    # nearly the whole quiet period from now.
+    assert domain.quiet_period_start(T0 - timedelta(seconds=5), T0) == T0 - 100 * ms
+    # A gateway clock running ahead delays nothing.
+    assert domain.quiet_period_start(T0 + 40 * ms, T0) == T0
+
+
+def test_a_message_received_before_the_bursts_last_does_not_bring_its_due_time_forward() -> None:
+    quiet = timedelta(seconds=1.5)
+    p = domain.extend_burst(None, PHONE, "m1", T0, quiet)
+    p = domain.extend_burst(p, PHONE, "m2", T0 - timedelta(milliseconds=50), quiet)
+    assert p.inbound_ids == ("m1", "m2")
+    assert p.due_at == T0 + quiet
+
+
 def test_reply_key_is_stable_for_the_same_burst_and_differs_between_bursts() -> None:
     assert domain.reply_key(["m1", "m2"]) == domain.reply_key(["m1", "m2"])
     assert domain.reply_key(["m1"]) != domain.reply_key(["m1", "m2"])

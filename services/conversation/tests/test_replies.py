@@ -64,6 +64,20 @@ async def test_a_burst_of_three_messages_gets_one_reply_request(
     assert await scheduler.emit_due(utcnow() + LATER) == 0  # emitted once
 
 
+async def test_a_bursts_quiet_period_counts_from_the_gateways_receipt(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    deps, _ = quiet_deps(pool, schema, redis)
+    phone = new_phone()
+    received = utcnow() - timedelta(milliseconds=60)  # the trip from the gateway
+    event = inbound(phone, "wamid.R1", "Oi").model_copy(update={"occurred_at": received})
+    assert await record_event(deps, event) == "scheduled"
+    async with pool.acquire() as conn:
+        row = await store.load_pending(conn, phone)
+    assert row is not None
+    assert row.reply.due_at == received + timedelta(seconds=QUIET)
+
+
 async def test_each_reply_request_names_the_contacts_previous_one_so_replies_keep_their_order(
     pool: asyncpg.Pool, schema: str, redis: Redis
 ) -> None:

@@ -27,6 +27,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from orbion_common.cli.webhooks import cloud_text_webhook, signed_headers
+from orbion_common.events.messaging import QUIET_PERIOD_HEAD_START
 
 from . import stats
 from .scenarios import Planned, Role, Scenario
@@ -78,6 +79,7 @@ def join_stages(
     received = {mid: (gw_at, conv_at) for mid, gw_at, conv_at in inbound}
     made = {rk: (gen_at, gen_occurred) for rk, gen_at, gen_occurred in generated}
     sent_at = dict((rk, at) for rk, at in sent)
+    head_start = QUIET_PERIOD_HEAD_START.total_seconds()
     rows = []
     for rk, mid, quiet, req_at in requested:
         if mid not in received or rk not in made or rk not in sent_at:
@@ -86,7 +88,8 @@ def join_stages(
         gen_at, gen_occurred = (float(x) for x in made[rk])
         rows.append({
             "rk": rk, "req_epoch": float(req_at), "gen_epoch": gen_occurred,
-            "stored": conv_at - gw_at, "scheduled": float(req_at) - conv_at - float(quiet),
+            "stored": conv_at - gw_at,
+            "scheduled": float(req_at) - max(gw_at, conv_at - head_start) - float(quiet),
             "generated": gen_at - float(req_at), "sent": float(sent_at[rk]) - gen_at,
         })  # fmt: skip
     return rows
@@ -94,7 +97,8 @@ def join_stages(
 
 STAGE_NAMES = {
     "stored": "gateway receipt -> inbound stored by conversation (publish, JetStream, consumer, projection)",
-    "scheduled": "quiet period over -> ReplyRequested stored (reply scheduler)",
+    "scheduled": "quiet period over (it starts at the gateway's receipt, the stored stage within it) "
+    "-> ReplyRequested stored (reply scheduler)",
     "generated": "ReplyRequested -> ReplyGenerated stored (relay, JetStream, llm-proxy consumer, LLM)",
     "sent": "ReplyGenerated -> MessageSent stored (sender wake-up, WhatsApp call, commit)",
 }

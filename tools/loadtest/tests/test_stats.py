@@ -181,15 +181,22 @@ def test_stage_times_join_each_reply_to_its_inbound_message_and_skip_incomplete_
     from orbion_loadtest.runner import join_stages
 
     rows = join_stages(
-        inbound=[("wamid.1", 100.0, 100.01), ("wamid.2", 100.5, 100.52)],
-        requested=[("rk1", "wamid.1", 1.5, 101.53), ("rk2", "wamid.2", 1.5, 102.1)],
-        generated=[("rk1", 101.6, 101.58)],
-        sent=[("rk1", 101.7)],
+        inbound=[("wamid.1", 100.0, 100.01), ("wamid.2", 100.5, 100.52), ("wamid.3", 100.0, 103.0)],
+        requested=[
+            ("rk1", "wamid.1", 1.5, 101.53),
+            ("rk2", "wamid.2", 1.5, 102.1),
+            ("rk3", "wamid.3", 1.5, 104.5),
+        ],
+        generated=[("rk1", 101.6, 101.58), ("rk3", 104.6, 104.55)],
+        sent=[("rk1", 101.7), ("rk3", 104.7)],
     )
-    assert len(rows) == 1  # rk2 was never generated nor sent: no stages for it
-    [row] = rows
+    assert len(rows) == 2  # rk2 was never generated nor sent: no stages for it
+    row, late = rows
     assert row["rk"] == "rk1"
     assert abs(row["stored"] - 0.01) < 1e-9
-    assert abs(row["scheduled"] - 0.02) < 1e-9  # 101.53 - 100.01 - the 1.5 s quiet period
+    # The quiet period starts at the gateway's receipt: 101.53 - 100.0 - 1.5.
+    assert abs(row["scheduled"] - 0.03) < 1e-9
+    # ... or 0.1 s before a late message was stored: 104.5 - (103.0 - 0.1) - 1.5.
+    assert abs(late["scheduled"] - 0.1) < 1e-9
     assert abs(row["generated"] - 0.07) < 1e-9
     assert abs(row["sent"] - 0.1) < 1e-9

@@ -6,7 +6,7 @@ and the llm-proxy (replies generated, sent, failed). ``stream_id`` is the contac
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
@@ -128,6 +128,13 @@ class HistoryLine(Payload):
     at: datetime
 
 
+#: How much of a message's trip to the conversation service may count toward its quiet period.
+#: Its usual trip (milliseconds) is work done while the contact is quiet anyway; a message that
+#: arrives later than this (a backlog, a redelivery) may have the rest of its burst queued
+#: behind it, which must still find the burst waiting.
+QUIET_PERIOD_HEAD_START = timedelta(milliseconds=100)
+
+
 class ReplyRequestedPayload(Payload):
     reply_key: str
     phone: str
@@ -138,6 +145,9 @@ class ReplyRequestedPayload(Payload):
     profile_name: str = ""
     lead_stage: str = ""
     language: str = ""
+    # The wait for the contact to stop typing: from the burst's last message's receipt by the
+    # gateway (its ``occurred_at``), or from at most ``QUIET_PERIOD_HEAD_START`` before the
+    # conversation service handled it, whichever is later.
     quiet_period_ms: int = 0
     # The reply key of the contact's previous ReplyRequested ("" for the first, or when unknown):
     # the llm-proxy holds this reply (bounded) until that one is stored, so that a contact's
