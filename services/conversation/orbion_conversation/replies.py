@@ -213,28 +213,18 @@ async def emit_many(
     conn: asyncpg.Connection, ctx: ReplyContext, rows: Sequence[DueBurst]
 ) -> list[StoredEvent]:
     """:func:`emit` for many contacts' bursts in a few statements: ``rows`` as
-    :func:`store.take_due` took them, with their streams' versions (read before the contacts,
-    for the reason given in emit()) and their contacts' previous requests.
+    :func:`store.take_due` took them, with their contacts, burst messages, streams' versions
+    (read in the same snapshot as the contacts, for the reason given in emit()) and previous
+    requests.
 
     Raises ConcurrencyError when one of the streams moved on since its version was read: the
     caller rolls back and decides each burst alone.
     """
-    phones = [r.reply.phone for r in rows]
-    loaded = await ctx.projection.load_contacts(conn, phones)
-    contacts = {p: loaded.get(p) or ContactSummary(phone=p) for p in phones}
-    asking = [r for r in rows if not contacts[r.reply.phone].state.silenced]
-    found = {
-        m.key: m
-        for m in await ctx.projection.messages_by_keys(conn, [i for r in asking for i in r.reply.inbound_ids])
-    }
-    bursts = {
-        r.reply.phone: sorted(
-            (found[i] for i in dict.fromkeys(r.reply.inbound_ids) if i in found),
-            key=lambda m: (m.created_at, m.position),
-        )
-        for r in asking
-    }
-    asking = sorted((r for r in asking if bursts[r.reply.phone]), key=lambda r: r.reply.phone)
+    contacts = {r.reply.phone: r.contact or ContactSummary(phone=r.reply.phone) for r in rows}
+    asking = sorted(
+        (r for r in rows if r.burst and not contacts[r.reply.phone].state.silenced),
+        key=lambda r: r.reply.phone,
+    )
     if not asking:
         return []
     phones = [r.reply.phone for r in asking]
@@ -247,7 +237,7 @@ async def emit_many(
         _reply_requested(
             ctx,
             contacts[r.reply.phone],
-            bursts[r.reply.phone],
+            r.burst,
             recent[r.reply.phone],
             r.previous_reply_key,
             r.correlation_id,
@@ -342,7 +332,8 @@ class ReplyScheduler:
         taken = store.DueRound([], 0, None)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                taken = await store.take_due(conn, now, self.batch_size)  # lock order: pending rows first
+                # Lock order: pending rows first.
+                taken = await store.take_due(conn, self.ctx.projection, now, self.batch_size)
                 if not taken.rows:
                     return Round(0, taken.waiting, taken.next_due)
                 stored = await emit_many(conn, self.ctx, taken.rows)

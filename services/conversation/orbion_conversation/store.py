@@ -415,11 +415,14 @@ class PendingRow:
 class DueBurst(PendingRow):
     """A due row as a scheduler round took it (:func:`take_due`), with what the round read of
     its contact's stream: the trace context of the burst's last message (its causation), the
-    stream's version and the reply key of the contact's last ReplyRequested."""
+    stream's version and the reply key of the contact's last ReplyRequested; and of its
+    projection: the contact (None if unknown) and the burst's messages found, oldest first."""
 
     trace_context: str | None
     stream_version: int
     previous_reply_key: str
+    contact: ContactSummary | None
+    burst: tuple[MessageItem, ...]
 
 
 def _pending(row: asyncpg.Record) -> PendingRow:
@@ -434,6 +437,8 @@ def _due(row: asyncpg.Record) -> DueBurst:
         row["trace_context"],
         row["stream_version"] or 0,
         row["previous_reply_key"] or "",
+        contact_summary(row["contact"]) if row["contact"] is not None else None,
+        tuple(message_item(m) for m in row["burst"]),
     )
 
 
@@ -507,14 +512,15 @@ class DueRound:
     next_due: datetime | None  # the earliest due time among them
 
 
-async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRound:
+async def take_due(conn: asyncpg.Connection, proj: Projection, now: datetime, limit: int) -> DueRound:
     """Take the due rows out of the queue, in the caller's transaction: a rollback puts them
     back. Rows another replica is emitting right now are skipped, not waited for. Each row
     comes with what the round reads of its contact's stream in the event store of the same
     schema: the trace context stored with its causation (the burst's last message), so that its
     request continues that message's trace; the stream's version, at which the request is
-    appended (read before the contact's projection: see ``replies.emit``); and the reply key of
-    the contact's last request, which the new one follows.
+    appended (read in the same snapshot as the contact: see ``replies.emit``); and the reply key
+    of the contact's last request, which the new one follows. And of ``proj``: the contact and
+    the burst's messages, from which the request is built.
 
     One statement for the claim, the delete, those reads and the queue's summary.
     """
@@ -534,7 +540,10 @@ async def take_due(conn: asyncpg.Connection, now: datetime, limit: int) -> DueRo
                    (SELECT max(v.version) FROM events v WHERE v.stream_id = taken.phone) AS stream_version,
                    (SELECT r.body->'payload'->>'reply_key' FROM events r
                     WHERE r.stream_id = taken.phone AND r.type = 'ReplyRequested'
-                    ORDER BY r.version DESC LIMIT 1) AS previous_reply_key
+                    ORDER BY r.version DESC LIMIT 1) AS previous_reply_key,
+                   (SELECT c FROM {proj.contacts} c WHERE c.phone = taken.phone) AS contact,
+                   ARRAY(SELECT m FROM {proj.messages} m WHERE m.message_key = ANY(taken.inbound_ids)
+                         ORDER BY m.created_at, m.position) AS burst
             FROM rest LEFT JOIN taken ON true LEFT JOIN events e ON e.event_id = taken.causation_id""",
         now,
         limit,

@@ -182,7 +182,8 @@ async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts
     assert await record_event(deps, inbound(phone, f"wamid.{phone}.1", "Oi", seconds=0)) == "scheduled"
     reply = generated(phone, f"reply.{phone}", "Olá!", seconds=2)
     async with pool.acquire() as conn, conn.transaction():
-        assert (await store.take_due(conn, utcnow() + timedelta(seconds=5), 10)).rows  # as a round does
+        # As a round does.
+        assert (await store.take_due(conn, Projection(), utcnow() + timedelta(seconds=5), 10)).rows
         if path == "alone":
             recording = asyncio.ensure_future(record_event(deps, reply))
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -193,6 +193,23 @@ async def append_without_the_pending_row(deps: Deps, event: Event) -> None:
         await projector.apply(conn, deps.ctx.projection, stored, deps.ctx.opt_in_rule)
 
 
+def land_after_the_round_reads(monkeypatch: pytest.MonkeyPatch, land: Callable[[], Awaitable[None]]) -> None:
+    """Run ``land`` once, right after a scheduler round has taken its rows and read their
+    contacts, before it appends."""
+    take_due = store.take_due
+    landed = False
+
+    async def taking(conn: asyncpg.Connection, proj: Projection, now: datetime, limit: int) -> store.DueRound:
+        nonlocal landed
+        taken = await take_due(conn, proj, now, limit)
+        if taken.rows and not landed:
+            landed = True
+            await land()
+        return taken
+
+    monkeypatch.setattr(store, "take_due", taking)
+
+
 class _VerificationLandsMidDecision(Projection):
     """The scheduler's projection: right after it has read the contact, a consumer replica that
     does not wait for the pending row (another connection) commits HumanVerificationRequested."""
@@ -200,13 +217,6 @@ class _VerificationLandsMidDecision(Projection):
     def __init__(self, consumer: Deps, phone: str) -> None:
         super().__init__()
         self.consumer, self.phone, self.landed = consumer, phone, False
-
-    async def load_contacts(
-        self, conn: asyncpg.Connection, phones: Sequence[str]
-    ) -> dict[str, domain.ContactSummary]:
-        summaries = await super().load_contacts(conn, phones)
-        await self._land()
-        return summaries
 
     async def load_contact(
         self, conn: asyncpg.Connection | asyncpg.Pool, phone: str
@@ -222,15 +232,15 @@ class _VerificationLandsMidDecision(Projection):
 
 
 async def test_a_verification_committed_while_the_scheduler_decides_is_never_overtaken(
-    pool: asyncpg.Pool, schema: str, redis: Redis
+    pool: asyncpg.Pool, schema: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     deps, _ = quiet_deps(pool, schema, redis)
     phone = new_phone()
     await record_event(deps, inbound(phone, "wamid.Z1", "Oi"))
     ctx = deps.ctx
-    racing = ReplyContext(
-        EventStore(schema), _VerificationLandsMidDecision(deps, phone), ctx.history, ctx.quiet_seconds
-    )
+    projection = _VerificationLandsMidDecision(deps, phone)
+    land_after_the_round_reads(monkeypatch, projection._land)
+    racing = ReplyContext(EventStore(schema), projection, ctx.history, ctx.quiet_seconds)
     scheduler = ReplyScheduler(pool, racing)
     # It decided on a contact read before the request committed: its append conflicts, the
     # burst stays queued, and the next round sees the verification and drops it.
@@ -269,29 +279,17 @@ async def test_a_round_emits_every_due_burst_in_one_short_transaction(
 
 
 async def test_a_round_where_one_stream_moved_still_emits_the_others(
-    pool: asyncpg.Pool, schema: str, redis: Redis
+    pool: asyncpg.Pool, schema: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One contact's stream moves while the round decides: its append conflicts, the round rolls
     back and is redone burst by burst, and every burst is still emitted, once."""
-    deps, _ = quiet_deps(pool, schema, redis)
+    deps, scheduler = quiet_deps(pool, schema, redis)
     phones = [new_phone() for _ in range(3)]
     for i, phone in enumerate(phones):
         await record_event(deps, inbound(phone, f"wamid.M{i}", "Oi", seconds=i))
-    ctx = deps.ctx
-
-    class _LateStatus(Projection):
-        landed = False
-
-        async def load_contacts(
-            self, conn: asyncpg.Connection, phones_: Sequence[str]
-        ) -> dict[str, domain.ContactSummary]:
-            summaries = await super().load_contacts(conn, phones_)
-            if not self.landed:  # another replica appends to the first contact's stream meanwhile
-                self.landed = True
-                await append_without_the_pending_row(deps, generated(phones[0], "reply.x", "Olá", seconds=3))
-            return summaries
-
-    scheduler = ReplyScheduler(pool, ReplyContext(ctx.store, _LateStatus(), ctx.history, ctx.quiet_seconds))
+    # Another replica appends to the first contact's stream meanwhile.
+    late = generated(phones[0], "reply.x", "Olá", seconds=3)
+    land_after_the_round_reads(monkeypatch, lambda: append_without_the_pending_row(deps, late))
     assert await scheduler.emit_due(utcnow() + LATER) == 3
     for phone in phones:
         assert len(await reply_requests(deps, phone)) == 1
@@ -363,7 +361,7 @@ async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_r
 
         with contextlib.suppress(Crash):
             async with conn.transaction():
-                taken = await store.take_due(conn, now, 10)
+                taken = await store.take_due(conn, Projection(), now, 10)
                 assert [r.reply.phone for r in taken.rows] == due  # earliest due first
                 # With what the round reads of each contact's stream: its version, its last request.
                 read = [(r.stream_version, r.previous_reply_key) for r in taken.rows]
@@ -373,9 +371,9 @@ async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_r
         assert await conn.fetchval("SELECT count(*) FROM pending_replies") == 3  # nothing lost
 
         async with conn.transaction():
-            assert len((await store.take_due(conn, now, 10)).rows) == 2
+            assert len((await store.take_due(conn, Projection(), now, 10)).rows) == 2
         assert await conn.fetchval("SELECT array_agg(phone) FROM pending_replies") == [later]
-        empty = await store.take_due(conn, now, 10)
+        empty = await store.take_due(conn, Projection(), now, 10)
         assert (empty.rows, empty.waiting, empty.next_due) == ([], 1, now + timedelta(seconds=10))
 
 
