@@ -94,7 +94,11 @@ def _stored_encoded(row: asyncpg.Record) -> StoredEncoded:
 
 
 def _trace_of(row: asyncpg.Record) -> dict[str, str] | None:
-    trace = row.get("trace_context")
+    return parse_trace_context(row.get("trace_context"))
+
+
+def parse_trace_context(trace: str | None) -> dict[str, str] | None:
+    """The headers of a trace context that :func:`trace_context` stored (None without one)."""
     return orjson.loads(trace) if trace else None
 
 
@@ -111,7 +115,8 @@ def trace_context(context: Context | None = None) -> str | None:
 def context_of(trace: str | None) -> Context:
     """The current context joined to a trace context that :func:`trace_context` stored (as it
     is without one): to append an event later in the trace of the message that asked for it."""
-    return propagate.extract(orjson.loads(trace)) if trace else get_current()
+    headers = parse_trace_context(trace)
+    return propagate.extract(headers) if headers else get_current()
 
 
 class EventStore:

@@ -13,6 +13,12 @@ publishing them, which would hand every consumer a duplicate once JetStream's wi
 
 Only one relay per schema publishes at a time (``leadership``): replicas stand by and take
 over when the holder's connection dies.
+
+A service that has just committed events it knows to be wanted at once (a reply request)
+hands them to :meth:`Relay.publish_committed`, which publishes them without waiting for the
+relay's wake-up and read of the log; that read then passes them. The log stays the source of
+truth: an event whose early publish failed, or was cut short by a crash, is published by the
+read.
 """
 
 from __future__ import annotations
@@ -22,19 +28,24 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import asyncpg
 from prometheus_client import Counter, Gauge
 
 from .bus import Bus, BusUnavailable
-from .eventstore import Cursor, EventStore
+from .eventstore import Cursor, EventStore, StoredEvent
 from .leadership import leadership
 
 log = logging.getLogger(__name__)
 
 RELAYED = Counter("orbion_relay_published_total", "Events published by a relay", ["schema"])
 RELAY_LAG = Gauge("orbion_relay_lag_events", "Events read but not yet published by a relay", ["schema"])
+
+# How long an event published ahead of the relay's read is remembered, for that read to pass it.
+# The leading relay reads within a poll; an entry outlives it only when the read came first
+# (the event was then published twice, and JetStream dropped the second).
+AHEAD_MEMORY_SECONDS = 60.0
 
 
 class Relay:
@@ -66,14 +77,52 @@ class Relay:
         self._cursor: Cursor | None = None
         self._saved: Cursor | None = None
         self._saved_at = -math.inf  # a term's first batch is written
+        # Event id -> when it was published ahead of the read (publish_committed), in that order.
+        self._ahead: dict[str, float] = {}
+        self._publishing_ahead: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """Publish now rather than at the next poll (call after committing appended events)."""
         self._wake.set()
 
+    def publish_committed(self, stored: Sequence[StoredEvent]) -> asyncio.Task[None] | None:
+        """Publish events the caller has just committed, in the background, ahead of the
+        relay's read of the log, which then passes them. Only while this relay leads: another
+        replica's relay publishes them at its next poll. Returns the publishing task, if any."""
+        owned = [s for s in stored if self.publish_types is None or s.event.type in self.publish_types]
+        if not owned:
+            return None
+        if not self.leader:
+            self.wake()
+            return None
+        task = asyncio.create_task(self._publish_ahead(owned), name=f"relay-ahead:{self.store.schema}")
+        self._publishing_ahead.add(task)
+        task.add_done_callback(self._publishing_ahead.discard)
+        return task
+
+    async def _publish_ahead(self, owned: Sequence[StoredEvent]) -> None:
+        try:
+            await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
+        except Exception as exc:  # the read publishes them: nothing is lost
+            log.warning(
+                "relay %s.%s: %d events left to the log's read: %r",
+                self.store.schema,
+                self.name,
+                len(owned),
+                exc,
+            )
+            self.wake()
+            return
+        now = time.monotonic()
+        while self._ahead and now - next(iter(self._ahead.values())) > AHEAD_MEMORY_SECONDS:
+            del self._ahead[next(iter(self._ahead))]
+        self._ahead.update((s.event.event_id, now) for s in owned)
+        RELAYED.labels(self.store.schema).inc(len(owned))
+
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        await asyncio.gather(*self._publishing_ahead, return_exceptions=True)
 
     async def run(self) -> None:
         """Publish for as long as the service runs; survives Postgres and NATS outages."""
@@ -91,6 +140,7 @@ class Relay:
                                 await self._sleep(self.poll_seconds)
                     finally:
                         self.leader = False
+                        self._ahead.clear()  # the next term reads from the saved cursor
                         await self._save_unsaved()
                         self._cursor = None
                         self._saved_at = -math.inf
@@ -107,7 +157,7 @@ class Relay:
             if cursor is None:
                 cursor = await self.store.cursor(conn, self.name)
             page = await self.store.read_encoded_page(conn, cursor, self.publish_types, limit=self.batch_size)
-            owned = page.events
+            owned = [s for s in page.events if self._ahead.pop(s.event.event_id, None) is None]
             RELAY_LAG.labels(self.store.schema).set(len(owned))
             if owned:
                 await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])

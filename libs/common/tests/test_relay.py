@@ -154,3 +154,57 @@ async def test_a_relay_publishes_only_the_types_its_service_owns(parts):
     assert info.state.messages == 1
     msg = await bus.js.get_last_msg(bus.settings.stream_name, f"{bus.root}.events.>")
     assert decode(msg.data) == decided  # passed on as stored, without being parsed
+
+
+async def test_events_published_as_they_committed_are_passed_by_the_relays_read(parts, monkeypatch):
+    pool, store, bus = parts
+    async with pool.acquire() as conn:
+        first, second = await store.append(conn, "5511", [inbound("5511", 1), inbound("5511", 2)])
+    relay = Relay(pool, store, bus)
+    relay.leader = True  # as while its run() leads
+    task = relay.publish_committed([first])
+    assert task is not None
+    await task
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1
+
+    read_published: list[str] = []
+    publish_all = bus.publish_all
+
+    async def spy(events, *args, **kwargs):
+        read_published.extend(e.event_id for e in events)
+        return await publish_all(events, *args, **kwargs)
+
+    monkeypatch.setattr(bus, "publish_all", spy)
+    assert await relay.publish_pending() == 2
+    assert read_published == [second.event.event_id]  # the first went out already
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 2
+
+
+async def test_an_event_whose_early_publish_failed_is_published_by_the_relays_read(parts, monkeypatch):
+    from orbion_common.bus import BusUnavailable
+
+    pool, store, bus = parts
+    async with pool.acquire() as conn:
+        [stored] = await store.append(conn, "5511", [inbound("5511", 1)])
+    relay = Relay(pool, store, bus)
+    relay.leader = True
+    publish_all = bus.publish_all
+
+    async def unavailable(*args, **kwargs):
+        raise BusUnavailable("NATS restarting")
+
+    monkeypatch.setattr(bus, "publish_all", unavailable)
+    task = relay.publish_committed([stored])
+    assert task is not None
+    await task  # logged, not raised
+    monkeypatch.setattr(bus, "publish_all", publish_all)
+    assert await relay.publish_pending() == 1
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1
+
+
+async def test_a_relay_that_does_not_lead_publishes_nothing_early(parts):
+    pool, store, bus = parts
+    async with pool.acquire() as conn:
+        stored = await store.append(conn, "5511", [inbound("5511", 1)])
+    assert Relay(pool, store, bus).publish_committed(stored) is None
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 0

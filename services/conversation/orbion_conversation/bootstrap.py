@@ -113,7 +113,11 @@ def build(
         relay = Relay(pool, store, bus, name="relay", publish_types={"ReplyRequested"})
     wake_relay = relay.wake if relay is not None else (lambda: None)
     scheduler = ReplyScheduler(
-        pool, ctx, on_emitted=wake_relay, poll_seconds=settings.conversation_scheduler_poll_seconds
+        pool,
+        ctx,
+        # A request is what the llm-proxy waits for: published as soon as its round committed.
+        on_emitted=relay.publish_committed if relay is not None else (lambda stored: None),
+        poll_seconds=settings.conversation_scheduler_poll_seconds,
     )
     deps = Deps(pool=pool, ctx=ctx, wake_relay=wake_relay, wake_scheduler=scheduler.wake)
     return Service(settings, pool, deps, scheduler, redis=redis, bus=bus, relay=relay)

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -30,7 +30,13 @@ from opentelemetry import context as otel_context
 from prometheus_client import Counter, Gauge, Histogram
 
 from orbion_common.events import MessageReceived, ReplyRequested, utcnow
-from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent, context_of
+from orbion_common.eventstore import (
+    ConcurrencyError,
+    EventStore,
+    StoredEvent,
+    context_of,
+    parse_trace_context,
+)
 from orbion_common.logging import mask_phone
 
 from . import domain, projector, store
@@ -252,7 +258,10 @@ async def emit_many(
     positions = await ctx.store.append_at_versions(
         conn, list(zip(events, at, strict=True)), traces, savepoint=False
     )
-    stored = [StoredEvent(p, v, e) for e, v, p in zip(events, at, positions, strict=True)]
+    stored = [
+        StoredEvent(p, v, e, trace_context=parse_trace_context(t))
+        for e, v, p, t in zip(events, at, positions, traces, strict=True)
+    ]
     touched = {e.stream_id: contacts[e.stream_id] for e in events}
     for s in stored:
         await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule, touched)
@@ -294,7 +303,7 @@ class ReplyScheduler:
         pool: asyncpg.Pool,
         ctx: ReplyContext,
         *,
-        on_emitted: Callable[[], None] = lambda: None,
+        on_emitted: Callable[[Sequence[StoredEvent]], object] = lambda stored: None,
         poll_seconds: float = 0.25,
         batch_size: int = 200,
         concurrency: int = 4,
@@ -348,7 +357,7 @@ class ReplyScheduler:
         for s in stored:
             self._emitted(by_phone[s.event.stream_id])
         if stored:
-            self.on_emitted()
+            self.on_emitted(stored)
         return Round(len(stored), taken.waiting, taken.next_due)
 
     async def _emit_each(self, phones: Sequence[str], now: datetime) -> int:
@@ -389,7 +398,8 @@ class ReplyScheduler:
         if stored is None:
             return False
         self._emitted(row)
-        self.on_emitted()  # per burst: the relay publishes each request as soon as it committed
+        # Per burst, in the trace it was appended in: the relay publishes it as soon as it committed.
+        self.on_emitted([replace(stored, trace_context=parse_trace_context(trace))])
         return True
 
     async def run(self) -> None:

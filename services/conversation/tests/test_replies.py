@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from orbion_common.events import Event, ReplyRequested, utcnow
 from orbion_common.events.messaging import ReplyRequestedPayload
-from orbion_common.eventstore import ConcurrencyError, EventStore
+from orbion_common.eventstore import ConcurrencyError, EventStore, StoredEvent
 from orbion_conversation import domain, projector, store
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.group import GroupCommit
@@ -302,8 +302,11 @@ async def test_a_scheduled_reply_request_continues_the_trace_of_its_bursts_last_
 ) -> None:
     """The scheduler runs in no trace: a request it appended used to start a trace of its own at
     the llm-proxy, with its own sampling decision, so a sampled message's trace ended at the
-    conversation service nine times in ten."""
-    deps, scheduler = quiet_deps(pool, schema, redis)
+    conversation service nine times in ten. Stored with the request, and handed with it to the
+    relay's early publish."""
+    deps, _ = quiet_deps(pool, schema, redis)
+    handed: list[StoredEvent] = []
+    scheduler = ReplyScheduler(pool, deps.ctx, on_emitted=handed.extend)
     phones = [new_phone() for _ in range(3)]
     group = GroupCommit(deps)
 
@@ -318,22 +321,26 @@ async def test_a_scheduled_reply_request_continues_the_trace_of_its_bursts_last_
         )
         assert outcomes == ["scheduled"] * 3
 
-    class _Moved(Projection):  # the round fails: each burst is then emitted alone
-        async def load_contacts(
-            self, conn: asyncpg.Connection, phones_: Sequence[str]
-        ) -> dict[str, domain.ContactSummary]:
+    class _Moved(EventStore):  # the round's append fails: each burst is then emitted alone
+        async def append_at_versions(self, *args: object, **kwargs: object) -> list[int]:
             raise ConcurrencyError("a stream moved")
 
     if emitted == "each":
         ctx = deps.ctx
-        scheduler = ReplyScheduler(pool, ReplyContext(ctx.store, _Moved(), ctx.history, ctx.quiet_seconds))
+        moved = ReplyContext(_Moved(schema), ctx.projection, ctx.history, ctx.quiet_seconds)
+        scheduler = ReplyScheduler(pool, moved, on_emitted=handed.extend)
     assert await scheduler.emit_due(utcnow() + LATER) == 3
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             "SELECT stream_id, trace_context::text AS t FROM events WHERE type = 'ReplyRequested'"
         )
+    expected = {p: f"{0x1000 + i:032x}" for i, p in enumerate(phones)}
     traces = {r["stream_id"]: orjson.loads(r["t"])["traceparent"].split("-")[1] for r in rows}
-    assert traces == {p: f"{0x1000 + i:032x}" for i, p in enumerate(phones)}
+    assert traces == expected
+    assert len(handed) == 3 and all(isinstance(s.event, ReplyRequested) and s.trace_context for s in handed)
+    assert {
+        s.event.stream_id: (s.trace_context or {})["traceparent"].split("-")[1] for s in handed
+    } == expected
 
 
 async def test_a_round_takes_its_due_bursts_out_of_the_queue_and_a_rolled_back_round_puts_them_back(
