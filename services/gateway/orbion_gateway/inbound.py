@@ -50,19 +50,26 @@ class ParsedWebhook:
     ignored: int = 0  # well-formed parts we do not act on (other fields, groups, errors-only)
 
 
-def to_events(parsed: ParsedWebhook, throttled: Sequence[bool] = ()) -> tuple[list[Envelope], list[str]]:
-    """Events and their ``Nats-Msg-Id``s; ``throttled[i]`` flags ``parsed.messages[i]``."""
+def to_events(
+    parsed: ParsedWebhook, throttled: Sequence[bool] = (), *, received_at: datetime | None = None
+) -> tuple[list[Envelope], list[str]]:
+    """Events and their ``Nats-Msg-Id``s, occurring at ``received_at`` (the webhook's arrival;
+    default now); ``throttled[i]`` flags ``parsed.messages[i]``."""
     events: list[Envelope] = []
     msg_ids: list[str] = []
     for i, msg in enumerate(parsed.messages):
         payload = msg.payload
         if i < len(throttled) and throttled[i]:
             payload = payload.model_copy(update={"throttled": True})
-        events.append(MessageReceived.create(payload.phone, payload, event_id=msg.event_id))
+        events.append(
+            MessageReceived.create(payload.phone, payload, event_id=msg.event_id, occurred_at=received_at)
+        )
         msg_ids.append(msg.msg_id)
     for status in parsed.statuses:
         events.append(
-            MessageStatusChanged.create(status.payload.phone, status.payload, event_id=status.event_id)
+            MessageStatusChanged.create(
+                status.payload.phone, status.payload, event_id=status.event_id, occurred_at=received_at
+            )
         )
         msg_ids.append(status.msg_id)
     return events, msg_ids

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 
@@ -60,10 +61,13 @@ class Publisher:
         self.phone_tier = phone_tier
         self.timeout = timeout
 
-    async def accept(self, provider: Provider, parsed: ParsedWebhook) -> Accepted:
-        """Publish every event of ``parsed``; raises :class:`PublishFailed` if any is not acked."""
+    async def accept(
+        self, provider: Provider, parsed: ParsedWebhook, *, received_at: datetime | None = None
+    ) -> Accepted:
+        """Publish every event of ``parsed`` (received at ``received_at``, else now); raises
+        :class:`PublishFailed` if any is not acked."""
         throttled = await self._throttled(provider, parsed)
-        events, msg_ids = to_events(parsed, throttled)
+        events, msg_ids = to_events(parsed, throttled, received_at=received_at)
         started = time.perf_counter()
         try:
             if len(events) == 1 and not parsed.rejected:

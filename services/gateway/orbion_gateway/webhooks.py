@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import orjson
 from opentelemetry import trace
 from starlette.types import Receive, Scope
 
+from orbion_common.events import utcnow
 from orbion_common.events.messaging import Provider
 from orbion_common.ratelimit import RateLimiter, RateLimiterUnavailable, Tier, rate_limit_headers
 
@@ -83,6 +85,7 @@ class Webhooks:
     # -- entry points ---------------------------------------------------------------------
 
     async def whatsapp(self, scope: Scope, receive: Receive) -> Reply:
+        received_at = utcnow()  # the events' occurred_at: a reply's quiet period starts here
         _mark_gateway_stage()
         provider = Provider.CLOUD_API
         headers = _headers(scope)
@@ -97,9 +100,10 @@ class Webhooks:
             parsed = self._parse(cloud_api.parse, headers, body)
         except Refused as exc:
             return self._refused(provider, exc)
-        return await self._accept(provider, parsed)
+        return await self._accept(provider, parsed, received_at)
 
     async def evolution(self, scope: Scope, receive: Receive) -> Reply:
+        received_at = utcnow()  # the events' occurred_at: a reply's quiet period starts here
         _mark_gateway_stage()
         provider = Provider.EVOLUTION
         headers = _headers(scope)
@@ -115,7 +119,7 @@ class Webhooks:
             parsed = self._parse(evolution.parse, headers, body)
         except Refused as exc:
             return self._refused(provider, exc)
-        return await self._accept(provider, parsed)
+        return await self._accept(provider, parsed, received_at)
 
     async def verify(self, scope: Scope, mode: str, token: str, challenge: str) -> Reply:
         """Meta's subscription handshake: echo ``hub.challenge`` when the token matches."""
@@ -193,9 +197,9 @@ class Webhooks:
         log.info("webhook refused: %s", exc.detail, extra={"provider": provider.value, "status": exc.status})
         return _error(exc.status, exc.kind, exc.detail, exc.headers)
 
-    async def _accept(self, provider: Provider, parsed: ParsedWebhook) -> Reply:
+    async def _accept(self, provider: Provider, parsed: ParsedWebhook, received_at: datetime) -> Reply:
         try:
-            accepted = await self.publisher.accept(provider, parsed)
+            accepted = await self.publisher.accept(provider, parsed, received_at=received_at)
         except PublishFailed:
             metrics.webhooks(provider.value, 503).inc()
             return _error(503, "unavailable", "event bus unavailable, retry later", {"Retry-After": "5"})

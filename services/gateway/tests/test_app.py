@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import orjson
+import pytest
 from gateway_testkit import (
     APP_SECRET,
     VERIFY_TOKEN,
@@ -18,7 +20,7 @@ from gateway_testkit import (
 from prometheus_client import REGISTRY
 
 from orbion_common.bus import partition_of
-from orbion_common.events import MessageReceived, MessageStatusChanged, stable_event_id
+from orbion_common.events import MessageReceived, MessageStatusChanged, stable_event_id, utcnow
 from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate
 
@@ -101,6 +103,24 @@ async def test_a_retry_after_the_jetstream_window_is_stored_once_by_the_event_st
         stored = [await store.append(conn, e.stream_id, [e]) for e in (first, second)]
         assert [len(s) for s in stored] == [1, 0]
         assert len(await store.load_stream(conn, first.stream_id)) == 1
+
+
+async def test_an_event_occurs_when_its_webhook_arrived_not_after_the_rate_limit_decision(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """occurred_at is where a reply's quiet period starts: the gateway's own work is inside it."""
+    assert gateway.limiter is not None
+    decide = gateway.limiter.decide
+
+    async def slow_decide(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await decide(*args, **kwargs)
+
+    monkeypatch.setattr(gateway.limiter, "decide", slow_decide)
+    posted = utcnow()
+    assert (await gateway.post_cloud(text_webhook(new_phone()))).status_code == 200
+    [event] = await gateway.events()
+    assert (event.occurred_at - posted).total_seconds() < 0.2
 
 
 # -- per-phone limit --------------------------------------------------------------------------
