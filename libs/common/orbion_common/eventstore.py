@@ -290,14 +290,19 @@ class EventStore:
         *,
         first: int = 1,
         only: str = "",
+        unstored_only: bool = False,
     ) -> tuple[str, list[object]]:
         """The INSERT of :meth:`append_next` (``RETURNING event_id, position``) and its arguments,
         numbered from ``$first``: for a writer that stores its own rows in the same statement,
         the INSERT as one of its data-modifying CTEs (run it with :meth:`fetch_appending`).
-        ``only``, a condition on ``e.event_id``: the events that do not meet it are left out
+        ``only``, a condition on ``e.event_id``, and ``unstored_only`` (an event already in the
+        store, as after a retried commit whose first answer was lost): the events left out
         before the versions are counted."""
         s = f'"{self.schema}"'
         p = [f"${first + i}" for i in range(6)]
+        conditions = [only] if only else []
+        if unstored_only:
+            conditions.append(f"NOT EXISTS (SELECT 1 FROM {s}.events o WHERE o.event_id = e.event_id)")
         sql = f"""
             INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
             SELECT e.event_id, e.stream_id,
@@ -307,7 +312,7 @@ class EventStore:
             FROM unnest({p[0]}::text[], {p[1]}::text[], {p[2]}::text[], {p[3]}::timestamptz[],
                         {p[4]}::text[], {p[5]}::text[])
                  WITH ORDINALITY AS e(event_id, stream_id, type, occurred_at, body, trace, n)
-            {f"WHERE {only}" if only else ""}
+            {f"WHERE {' AND '.join(conditions)}" if conditions else ""}
             ORDER BY e.n
             RETURNING event_id, position"""
         return sql, list(_columns(events, trace_contexts))

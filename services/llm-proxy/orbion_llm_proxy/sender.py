@@ -204,7 +204,9 @@ class Sender:
         self._marks: GroupCommit[str, None] = GroupCommit(
             pool, self._mark_sending, name="sender-marks", transaction=False
         )
-        self._results: GroupCommit[_Sent, None] = GroupCommit(pool, self._record_sent, name="sender-results")
+        self._results: GroupCommit[_Sent, None] = GroupCommit(
+            pool, self._record_sent, name="sender-results", transaction=False
+        )
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.leader = False
@@ -482,18 +484,18 @@ class Sender:
         return [None] * len(reply_keys)
 
     async def _record_sent(self, conn: asyncpg.Connection, batch: list[_Sent]) -> list[None]:
-        """Parts sent, outbox rows and ``MessageSent`` of a batch in one transaction. A retried
-        commit (its first answer lost) skips the events already stored, as ``EventStore.append``
-        does; a stream version the consumer took meanwhile raises ``ConcurrencyError``."""
-        await store.record_parts_sent(conn, [s.part for s in batch])
-        outbox = [s.outbox for s in batch if s.outbox is not None]
-        if outbox:
-            await store.insert_outbox(conn, outbox)
-        stored = await self.events.stored_ids(conn, [s.event.event_id for s in batch])
+        """Parts sent, outbox rows and ``MessageSent`` of a batch in one statement
+        (:func:`store.record_sent`). A retried commit (its first answer lost) skips the events
+        already stored, as ``EventStore.append`` does; a stream version the consumer took
+        meanwhile raises ``ConcurrencyError``."""
         # By stream, as every batch writer orders them, so that row locks cannot deadlock.
-        fresh = sorted((s for s in batch if s.event.event_id not in stored), key=lambda s: s.event.stream_id)
-        await self.events.append_next(
-            conn, [s.event for s in fresh], [s.trace for s in fresh], savepoint=False
+        by_stream = sorted(batch, key=lambda s: s.event.stream_id)
+        await store.record_sent(
+            conn,
+            [s.part for s in batch],
+            [s.outbox for s in batch if s.outbox is not None],
+            events=self.events,
+            appended=[(s.event, s.trace) for s in by_stream],
         )
         return [None] * len(batch)
 

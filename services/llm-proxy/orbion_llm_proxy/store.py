@@ -261,21 +261,52 @@ class PartSent:
     last: bool
 
 
-async def record_parts_sent(conn: asyncpg.Connection, sent: Sequence[PartSent]) -> None:
-    """Move each reply's progress past its part. Idempotent: a retried commit whose first try did
-    commit (the answer was lost with the connection) changes nothing."""
-    await conn.execute(
-        """UPDATE replies r SET parts_sent = d.part,
-                  provider_message_ids = array_append(r.provider_message_ids, d.provider_id),
-                  via = d.via, state = d.state, last_error = '', updated_at = now()
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
-                AS d(reply_key, provider_id, via, state, part)
-           WHERE r.reply_key = d.reply_key AND r.parts_sent = d.part - 1 AND r.state <> 'failed'""",
-        [p.reply_key for p in sent],
-        [p.provider_message_id for p in sent],
-        [p.via for p in sent],
-        [SENT if p.last else PENDING for p in sent],
-        [p.part for p in sent],
+async def record_sent(
+    conn: asyncpg.Connection,
+    sent: Sequence[PartSent],
+    outbox: Sequence[OutboxMessage],
+    *,
+    events: EventStore,
+    appended: Sequence[tuple[Envelope, str | None]],
+) -> None:
+    """In one statement, atomic without a transaction: move each reply's progress past its part,
+    store the outbox rows, and append the events (with their trace contexts), each after its
+    stream's last version. Idempotent: a retried commit whose first try did commit (the answer
+    was lost with the connection) changes nothing. A version another writer took meanwhile
+    raises :class:`ConcurrencyError`, and nothing is stored."""
+    event_sql, event_args = events.insert_next(
+        [e for e, _ in appended], [t for _, t in appended], first=12, unstored_only=True
+    )
+    await events.fetch_appending(
+        conn,
+        f"""WITH progress AS (
+               UPDATE replies r SET parts_sent = d.part,
+                      provider_message_ids = array_append(r.provider_message_ids, d.provider_id),
+                      via = d.via, state = d.state, last_error = '', updated_at = now()
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
+                    AS d(reply_key, provider_id, via, state, part)
+               WHERE r.reply_key = d.reply_key AND r.parts_sent = d.part - 1 AND r.state <> 'failed'
+           ), outboxed AS (
+               INSERT INTO outbox (provider_message_id, reply_key, part, phone, text, reply_to_message_id)
+               SELECT * FROM unnest($6::text[], $7::text[], $8::int[], $9::text[], $10::text[], $11::text[])
+               ON CONFLICT DO NOTHING
+           ), appended AS ({event_sql})
+           SELECT 1""",
+        [
+            [p.reply_key for p in sent],
+            [p.provider_message_id for p in sent],
+            [p.via for p in sent],
+            [SENT if p.last else PENDING for p in sent],
+            [p.part for p in sent],
+            [m.provider_message_id for m in outbox],
+            [m.reply_key for m in outbox],
+            [m.part for m in outbox],
+            [m.phone for m in outbox],
+            [m.text for m in outbox],
+            [m.reply_to_message_id for m in outbox],
+            *event_args,
+        ],
+        savepoint=False,  # one statement, in no transaction of its own
     )
 
 
@@ -318,20 +349,6 @@ class OutboxMessage:
     phone: str
     text: str
     reply_to_message_id: str
-
-
-async def insert_outbox(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -> None:
-    await conn.execute(
-        """INSERT INTO outbox (provider_message_id, reply_key, part, phone, text, reply_to_message_id)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[])
-           ON CONFLICT DO NOTHING""",
-        [m.provider_message_id for m in messages],
-        [m.reply_key for m in messages],
-        [m.part for m in messages],
-        [m.phone for m in messages],
-        [m.text for m in messages],
-        [m.reply_to_message_id for m in messages],
-    )
 
 
 async def list_outbox(conn: asyncpg.Connection, *, phone: str | None, limit: int) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ on real Postgres with the fake WhatsApp Cloud API:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -127,6 +128,45 @@ async def test_delivered_reply_is_recorded_after_the_database_connections_broke(
     assert len(fake.sent) == 1
     assert await reply_state(deps, req.payload.reply_key) == store.SENT
     assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
+
+
+async def test_a_result_committed_whose_answer_was_lost_is_recorded_once(
+    pool: asyncpg.Pool,
+    schema: str,
+    urls: dict[str, str],
+    tag: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection breaks after the result's statement committed: the sender records it
+    again, which must neither append a second MessageSent nor a second provider id, nor fail."""
+    record_sent = store.record_sent
+    answers_lost = 0
+
+    async def committed_then_lost(*args: Any, **kwargs: Any) -> None:
+        nonlocal answers_lost
+        await record_sent(*args, **kwargs)
+        if not answers_lost:
+            answers_lost += 1
+            raise ConnectionResetError("connection lost before the answer")
+
+    monkeypatch.setattr(store, "record_sent", committed_then_lost)
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
+        phone = new_phone()
+        req = reply_requested(phone)
+        await deps.handlers.answer_reply_request(req)
+        await deps.sender.drain()
+    assert answers_lost == 1 and len(fake.sent) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await reply_state(deps, req.payload.reply_key) == store.SENT
+    assert [e.type for e in await stored_events(deps, phone)] == ["ReplyGenerated", "MessageSent"]
+    async with pool.acquire() as conn:
+        ids = await conn.fetchval(
+            "SELECT provider_message_ids FROM replies WHERE reply_key = $1", req.payload.reply_key
+        )
+    assert len(ids) == 1
 
 
 async def test_live_sender_does_not_settle_its_own_send_in_flight_as_in_doubt(
