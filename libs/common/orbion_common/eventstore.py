@@ -261,28 +261,6 @@ class EventStore:
         positions = {r["event_id"]: r["position"] for r in rows}
         return [positions[e.event_id] for e, _ in events]
 
-    async def append_next(
-        self,
-        conn: asyncpg.Connection,
-        events: Sequence[Envelope],
-        trace_contexts: Sequence[str | None] | None = None,
-        *,
-        savepoint: bool = True,
-    ) -> list[int]:
-        """:meth:`append_at_versions` with each event after its stream's last version (events of
-        one stream in the order given), read in the same statement: for batch writers that need
-        the versions for nothing else, a round trip less than :meth:`stream_versions` first.
-
-        A version another writer takes meanwhile, or an event id already stored, raises
-        :class:`ConcurrencyError` and nothing of the batch is stored.
-        """
-        if not events:
-            return []
-        sql, args = self.insert_next(events, trace_contexts)
-        rows = await self.fetch_appending(conn, sql, args, savepoint=savepoint)
-        positions = {r["event_id"]: r["position"] for r in rows}
-        return [positions[e.event_id] for e in events]
-
     def insert_next(
         self,
         events: Sequence[Envelope],
@@ -292,9 +270,13 @@ class EventStore:
         only: str = "",
         unstored_only: bool = False,
     ) -> tuple[str, list[object]]:
-        """The INSERT of :meth:`append_next` (``RETURNING event_id, position``) and its arguments,
-        numbered from ``$first``: for a writer that stores its own rows in the same statement,
-        the INSERT as one of its data-modifying CTEs (run it with :meth:`fetch_appending`).
+        """An INSERT that appends each event after its stream's last version (events of one
+        stream in the order given), read in the same statement, ``RETURNING event_id, position``,
+        and its arguments, numbered from ``$first``: for a batch writer that needs the versions
+        for nothing else (a round trip less than :meth:`stream_versions` first), and that may
+        store its own rows in the same statement, the INSERT as one of its data-modifying CTEs.
+        Run it with :meth:`fetch_appending`: a version another writer takes meanwhile, or an
+        event id already stored, raises :class:`ConcurrencyError` and nothing is stored.
         ``only``, a condition on ``e.event_id``, and ``unstored_only`` (an event already in the
         store, as after a retried commit whose first answer was lost): the events left out
         before the versions are counted."""
