@@ -223,6 +223,29 @@ async def test_a_due_reply_is_marked_sending_by_the_read_that_finds_it_before_th
     assert marks == 0  # by the read of the contact's head, not by a statement of its own
 
 
+async def test_a_pacing_token_taken_for_a_claim_whose_read_failed_is_given_back(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str, monkeypatch: Any
+) -> None:
+    """The claiming read takes the contact's pacing token before it runs: a read that fails
+    (a database outage) sent nothing, and must not slow the contact's next send down."""
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        paced = cloud_settings(
+            urls, tag, base_url, whatsapp_pair_interval_seconds=60.0, whatsapp_pair_burst=1
+        )
+        deps = build_deps(paced, pool, schema=schema)
+        phone = new_phone()
+        await deps.handlers.answer_reply_request(reply_requested(phone))
+
+        async def outage(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionResetError("database restarting")
+
+        monkeypatch.setattr(store, "claim_heads", outage)
+        await deps.sender.drain()
+    assert fake.sent == []
+    assert deps.sender.pacer.delay(phone) == 0  # the contact's one token is still there
+
+
 async def test_a_reply_not_due_yet_is_read_but_not_claimed(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
