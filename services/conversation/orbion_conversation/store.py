@@ -227,7 +227,6 @@ class Projection:
                 ORDER BY created_at DESC, position DESC LIMIT $2
             ) r ON true
             WHERE c.phone = ANY($1::text[])"""
-        self._load_contacts = f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = ANY($1::text[])"
         self._by_keys = f"""
             SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE message_key = ANY($1::text[])
             ORDER BY created_at, position"""
@@ -370,12 +369,6 @@ class Projection:
     ) -> ContactSummary | None:
         row = await conn.fetchrow(self._load_contact, phone)
         return contact_summary(row) if row else None
-
-    async def load_contacts(
-        self, conn: asyncpg.Connection, phones: Sequence[str]
-    ) -> dict[str, ContactSummary]:
-        """The known contacts among ``phones``, by phone."""
-        return {r["phone"]: contact_summary(r) for r in await conn.fetch(self._load_contacts, list(phones))}
 
     async def save_contact(self, conn: asyncpg.Connection, s: ContactSummary) -> None:
         await self.save_contacts(conn, [s])
