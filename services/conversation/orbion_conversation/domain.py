@@ -30,7 +30,6 @@ from orbion_common.events import (
     stable_event_id,
 )
 from orbion_common.events.messaging import (
-    QUIET_PERIOD_HEAD_START,
     HistoryLine,
     MessageKind,
     MessageReceivedPayload,
@@ -186,13 +185,6 @@ class PendingReply:
     phone: str
     inbound_ids: tuple[str, ...]
     due_at: datetime
-
-
-def quiet_period_start(received_at: datetime, now: datetime) -> datetime:
-    """When the quiet period of a message received by the gateway at ``received_at`` and handled
-    at ``now`` starts: at its receipt, no more than ``QUIET_PERIOD_HEAD_START`` before ``now``,
-    and never after ``now`` (a gateway whose clock runs ahead delays no reply)."""
-    return min(now, max(received_at, now - QUIET_PERIOD_HEAD_START))
 
 
 def extend_burst(

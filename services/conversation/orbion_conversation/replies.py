@@ -30,6 +30,7 @@ from opentelemetry import context as otel_context
 from prometheus_client import Counter, Gauge, Histogram
 
 from orbion_common.events import MessageReceived, ReplyRequested, utcnow
+from orbion_common.events.messaging import quiet_period_start
 from orbion_common.eventstore import (
     ConcurrencyError,
     EventStore,
@@ -107,7 +108,7 @@ def decide_inbound(
         pending.reply if pending is not None else None,
         event.stream_id,
         item.key,
-        domain.quiet_period_start(event.occurred_at, now),
+        quiet_period_start(event.occurred_at, now),
         timedelta(seconds=ctx.quiet_seconds),
     )
     correlation = event.correlation_id or event.event_id

@@ -20,7 +20,7 @@ from orbion_common.events.lead import (
     LeadOptedInPayload,
     LeadOptedOutPayload,
 )
-from orbion_common.events.messaging import MessageKind, MessageReceivedPayload, Provider
+from orbion_common.events.messaging import MessageKind, MessageReceivedPayload, Provider, quiet_period_start
 from orbion_conversation import domain
 from orbion_conversation.domain import ContactState, MessageItem
 
@@ -117,12 +117,12 @@ def test_a_burst_collects_messages_and_restarts_the_quiet_period() -> None:
 def test_the_quiet_period_counts_from_the_gateways_receipt_unless_the_message_came_late() -> None:
     ms = timedelta(milliseconds=1)
     # The usual trip from the gateway (a few ms) is part of the contact's pause.
-    assert domain.quiet_period_start(T0 - 30 * ms, T0) == T0 - 30 * ms
+    assert quiet_period_start(T0 - 30 * ms, T0) == T0 - 30 * ms
     # A backlog or a redelivery: the rest of the burst may be queued behind it, so it waits
     # nearly the whole quiet period from now.
-    assert domain.quiet_period_start(T0 - timedelta(seconds=5), T0) == T0 - 100 * ms
+    assert quiet_period_start(T0 - timedelta(seconds=5), T0) == T0 - 100 * ms
     # A gateway clock running ahead delays nothing.
-    assert domain.quiet_period_start(T0 + 40 * ms, T0) == T0
+    assert quiet_period_start(T0 + 40 * ms, T0) == T0
 
 
 def test_a_message_received_before_the_bursts_last_does_not_bring_its_due_time_forward() -> None:

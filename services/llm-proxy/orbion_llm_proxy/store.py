@@ -183,14 +183,21 @@ _HELD = """(r.previous_reply_key <> '' AND r.state = 'pending' AND r.parts_sent 
             AND NOT EXISTS (SELECT 1 FROM replies p WHERE p.reply_key = r.previous_reply_key))"""
 
 
+def _heads(where: str = "") -> str:
+    """Each contact's first unsent reply (among the rows ``where`` keeps), with ``held``; ``$2``
+    is the hold in seconds."""
+    return f"""SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
+               WHERE {where}state IN ('pending', 'sending') ORDER BY phone, {_HEAD_ORDER}"""
+
+
+_HEADS_OF = _heads("phone = ANY($1::text[]) AND ")
+
+
 async def due_heads(conn: asyncpg.Connection, limit: int, *, hold_seconds: float = 0.0) -> list[ReplyRow]:
     """The first unsent reply of each contact, when it is due and not held (later ones wait
     behind it: order)."""
     rows = await conn.fetch(
-        f"""SELECT * FROM (
-               SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
-               WHERE state IN ('pending', 'sending') ORDER BY phone, {_HEAD_ORDER}
-           ) heads
+        f"""SELECT * FROM ({_heads()}) heads
            WHERE next_attempt_at <= now() AND NOT held ORDER BY seq LIMIT $1""",
         limit,
         float(hold_seconds),
@@ -204,9 +211,7 @@ async def heads_of(
     """Each contact's first unsent reply (``held`` says whether it waits for its previous one);
     contacts with none are left out."""
     rows = await conn.fetch(
-        f"""SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
-            WHERE phone = ANY($1::text[]) AND state IN ('pending', 'sending')
-            ORDER BY phone, {_HEAD_ORDER}""",
+        _HEADS_OF,
         list(phones),
         float(hold_seconds),
     )
@@ -220,11 +225,7 @@ async def claim_heads(
     same statement (``claimed``; the row comes back as it was before). A caller's own
     transaction must not hold the mark: it is committed before the call it precedes."""
     rows = await conn.fetch(
-        f"""WITH heads AS (
-               SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
-               WHERE phone = ANY($1::text[]) AND state IN ('pending', 'sending')
-               ORDER BY phone, {_HEAD_ORDER}
-           ), claimed AS (
+        f"""WITH heads AS ({_HEADS_OF}), claimed AS (
                UPDATE replies u SET state = 'sending', updated_at = now() FROM heads h
                WHERE u.reply_key = h.reply_key AND h.state = 'pending' AND NOT h.held
                      AND h.next_attempt_at <= now()
@@ -274,8 +275,21 @@ async def record_sent(
     stream's last version. Idempotent: a retried commit whose first try did commit (the answer
     was lost with the connection) changes nothing. A version another writer took meanwhile
     raises :class:`ConcurrencyError`, and nothing is stored."""
+    args: list[object] = [
+        [p.reply_key for p in sent],
+        [p.provider_message_id for p in sent],
+        [p.via for p in sent],
+        [SENT if p.last else PENDING for p in sent],
+        [p.part for p in sent],
+        [m.provider_message_id for m in outbox],
+        [m.reply_key for m in outbox],
+        [m.part for m in outbox],
+        [m.phone for m in outbox],
+        [m.text for m in outbox],
+        [m.reply_to_message_id for m in outbox],
+    ]
     event_sql, event_args = events.insert_next(
-        [e for e, _ in appended], [t for _, t in appended], first=12, unstored_only=True
+        [e for e, _ in appended], [t for _, t in appended], first=len(args) + 1, unstored_only=True
     )
     await events.fetch_appending(
         conn,
@@ -292,20 +306,7 @@ async def record_sent(
                ON CONFLICT DO NOTHING
            ), appended AS ({event_sql})
            SELECT 1""",
-        [
-            [p.reply_key for p in sent],
-            [p.provider_message_id for p in sent],
-            [p.via for p in sent],
-            [SENT if p.last else PENDING for p in sent],
-            [p.part for p in sent],
-            [m.provider_message_id for m in outbox],
-            [m.reply_key for m in outbox],
-            [m.part for m in outbox],
-            [m.phone for m in outbox],
-            [m.text for m in outbox],
-            [m.reply_to_message_id for m in outbox],
-            *event_args,
-        ],
+        [*args, *event_args],
         savepoint=False,  # one statement, in no transaction of its own
     )
 

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from orbion_common.cli.webhooks import cloud_text_webhook, signed_headers
-from orbion_common.events.messaging import QUIET_PERIOD_HEAD_START
+from orbion_common.events.messaging import quiet_period_start
 
 from . import stats
 from .scenarios import Planned, Role, Scenario
@@ -72,6 +73,14 @@ STAGE_QUERIES = {
 }
 
 
+def _quiet_from(gateway_at: float, stored_at: float) -> float:
+    """When the conversation service started the quiet period (epoch s), by its own rule."""
+    start = quiet_period_start(
+        datetime.fromtimestamp(gateway_at, UTC), datetime.fromtimestamp(stored_at, UTC)
+    )
+    return start.timestamp()
+
+
 def join_stages(
     inbound: list[Any], requested: list[Any], generated: list[Any], sent: list[Any]
 ) -> list[dict[str, Any]]:
@@ -79,7 +88,6 @@ def join_stages(
     received = {mid: (gw_at, conv_at) for mid, gw_at, conv_at in inbound}
     made = {rk: (gen_at, gen_occurred) for rk, gen_at, gen_occurred in generated}
     sent_at = dict((rk, at) for rk, at in sent)
-    head_start = QUIET_PERIOD_HEAD_START.total_seconds()
     rows = []
     for rk, mid, quiet, req_at in requested:
         if mid not in received or rk not in made or rk not in sent_at:
@@ -89,7 +97,7 @@ def join_stages(
         rows.append({
             "rk": rk, "req_epoch": float(req_at), "gen_epoch": gen_occurred,
             "stored": conv_at - gw_at,
-            "scheduled": float(req_at) - max(gw_at, conv_at - head_start) - float(quiet),
+            "scheduled": float(req_at) - _quiet_from(gw_at, conv_at) - float(quiet),
             "generated": gen_at - float(req_at), "sent": float(sent_at[rk]) - gen_at,
         })  # fmt: skip
     return rows
@@ -113,8 +121,6 @@ async def jetstream_times(
     nats_url: str, stream: str, event_type: str, since_epoch: float
 ) -> dict[str, float]:
     """reply_key -> JetStream timestamp (epoch s) of each ``event_type`` message since ``since_epoch``."""
-    import datetime as dt
-
     import nats
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -122,7 +128,7 @@ async def jetstream_times(
     nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
-        start = dt.datetime.fromtimestamp(since_epoch, dt.UTC)
+        start = datetime.fromtimestamp(since_epoch, UTC)
         # The event subjects hang under the stream's own root ("<root>.events.<Type>.<partition>").
         events_subject = next(
             s for s in (await js.stream_info(stream)).config.subjects or [] if ".events." in s + "."

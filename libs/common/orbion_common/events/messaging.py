@@ -135,6 +135,14 @@ class HistoryLine(Payload):
 QUIET_PERIOD_HEAD_START = timedelta(milliseconds=100)
 
 
+def quiet_period_start(received_at: datetime, handled_at: datetime) -> datetime:
+    """When the quiet period of a message received by the gateway at ``received_at`` and handled
+    by the conversation service at ``handled_at`` starts: at its receipt, no more than
+    ``QUIET_PERIOD_HEAD_START`` before it was handled, and never after that (a gateway whose clock
+    runs ahead delays no reply)."""
+    return min(handled_at, max(received_at, handled_at - QUIET_PERIOD_HEAD_START))
+
+
 class ReplyRequestedPayload(Payload):
     reply_key: str
     phone: str
