@@ -307,6 +307,34 @@ def test_sigterm_stops_serve_gracefully_and_the_caller_runs_its_shutdown() -> No
     assert "shutdown ran" in out
 
 
+def test_a_serving_service_collects_its_young_objects_after_thousands_not_hundreds() -> None:
+    class Node:
+        other: object = None
+
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    thresholds = gc.get_threshold()
+    try:
+        freeze_startup_objects()
+        gc.callbacks.append(count)
+        in_flight = [[] for _ in range(5_000)]  # a batch's objects, alive while it is handled
+        assert collections == []  # CPython's default collects every 700 and promotes them
+        garbage = Node()
+        garbage.other = garbage
+        freed = weakref.ref(garbage)
+        del garbage, in_flight
+        later = [[] for _ in range(25_000)]
+        assert freed() is None and len(later) == 25_000  # garbage cycles are still collected
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
 def test_startup_objects_are_frozen_after_their_garbage_is_collected() -> None:
     class Node:
         other: object = None
