@@ -128,7 +128,6 @@ class EventStore:
         self.schema = schema
         s = f'"{schema}"'
         self._sql_version = f"SELECT coalesce(max(version), 0) FROM {s}.events WHERE stream_id = $1"
-        self._sql_existing = f"SELECT event_id FROM {s}.events WHERE event_id = ANY($1::text[])"
         self._sql_trace_of = f"SELECT trace_context::text FROM {s}.events WHERE event_id = $1"
         self._sql_version_and_existing = f"""
             SELECT coalesce((SELECT max(version) FROM {s}.events WHERE stream_id = $1), 0) AS version,
@@ -149,10 +148,10 @@ class EventStore:
                  WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
             ORDER BY e.n
             RETURNING event_id, position"""
-        self._sql_versions = (
-            f"SELECT stream_id, max(version) AS version FROM {s}.events "
-            f"WHERE stream_id = ANY($1::text[]) GROUP BY stream_id"
-        )
+        self._sql_versions_and_stored = f"""
+            SELECT ARRAY(SELECT ROW(stream_id, max(version)) FROM {s}.events
+                         WHERE stream_id = ANY($1::text[]) GROUP BY stream_id) AS versions,
+                   ARRAY(SELECT event_id FROM {s}.events WHERE event_id = ANY($2::text[])) AS stored"""
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -273,7 +272,7 @@ class EventStore:
         """An INSERT that appends each event after its stream's last version (events of one
         stream in the order given), read in the same statement, ``RETURNING event_id, position``,
         and its arguments, numbered from ``$first``: for a batch writer that needs the versions
-        for nothing else (a round trip less than :meth:`stream_versions` first), and that may
+        for nothing else (a round trip less than :meth:`versions_and_stored` first), and that may
         store its own rows in the same statement, the INSERT as one of its data-modifying CTEs.
         Run it with :meth:`fetch_appending`: a version another writer takes meanwhile, or an
         event id already stored, raises :class:`ConcurrencyError` and nothing is stored.
@@ -306,15 +305,14 @@ class EventStore:
         violation is a :class:`ConcurrencyError` (nothing of the statement is stored)."""
         return await _insert(conn, sql, args, savepoint, "concurrent append")
 
-    async def stream_versions(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> dict[str, int]:
-        """The current version of each stream (0 for a stream with no event yet)."""
-        rows = await conn.fetch(self._sql_versions, list(stream_ids))
-        found = {r["stream_id"]: r["version"] for r in rows}
-        return {s: found.get(s, 0) for s in stream_ids}
-
-    async def stored_ids(self, conn: asyncpg.Connection, event_ids: Sequence[str]) -> set[str]:
-        """Those of ``event_ids`` that are already in the store."""
-        return {r["event_id"] for r in await conn.fetch(self._sql_existing, list(event_ids))}
+    async def versions_and_stored(
+        self, conn: asyncpg.Connection, stream_ids: Sequence[str], event_ids: Sequence[str] = ()
+    ) -> tuple[dict[str, int], set[str]]:
+        """The current version of each stream (0 for a stream with no event yet) and those of
+        ``event_ids`` already in the store, in one read."""
+        row = await conn.fetchrow(self._sql_versions_and_stored, list(stream_ids), list(event_ids))
+        found = dict(row["versions"])
+        return {s: found.get(s, 0) for s in stream_ids}, set(row["stored"])
 
     async def trace_context_of(self, conn: asyncpg.Connection, event_id: str) -> str | None:
         """The trace context stored with an event (:func:`trace_context`'s form); None without."""

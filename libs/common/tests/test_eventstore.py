@@ -187,9 +187,9 @@ async def test_a_batch_appended_next_loses_to_a_concurrent_writer_whole(database
             await batch
     finally:
         await other.close()
-    assert await es.stream_versions(conn, ["551100", "551177"]) == {"551100": 0, "551177": 1}
+    assert (await es.versions_and_stored(conn, ["551100", "551177"]))[0] == {"551100": 0, "551177": 1}
     await append_next(es, conn, [inbound("551100", 4), inbound("551177", 5)])  # tried again, it goes in
-    assert await es.stream_versions(conn, ["551100", "551177"]) == {"551100": 1, "551177": 2}
+    assert (await es.versions_and_stored(conn, ["551100", "551177"]))[0] == {"551100": 1, "551177": 2}
 
 
 async def test_a_batch_returns_its_positions_and_keeps_each_events_trace_context(store):
@@ -201,11 +201,8 @@ async def test_a_batch_returns_its_positions_and_keeps_each_events_trace_context
     by_id = {r["event_id"]: (r["position"], r["t"]) for r in rows}
     assert positions == [by_id[a.event_id][0], by_id[b.event_id][0]]
     assert "0000000000000000000000000000000a" in by_id[a.event_id][1] and by_id[b.event_id][1] is None
-    assert await es.stream_versions(conn, ["551100", "551177", "551199"]) == {
-        "551100": 1,
-        "551177": 1,
-        "551199": 0,
-    }
+    versions, stored = await es.versions_and_stored(conn, ["551100", "551177", "551199"], [a.event_id, "x"])
+    assert versions == {"551100": 1, "551177": 1, "551199": 0} and stored == {a.event_id}
     assert await es.claim_many(conn, "c", [a.event_id, b.event_id]) == {a.event_id, b.event_id}
     assert await es.claim_many(conn, "c", [a.event_id, "other"]) == {"other"}  # a redelivery: not again
 

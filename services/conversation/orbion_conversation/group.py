@@ -4,10 +4,10 @@ The bus runs a batch's events concurrently, one contact's one after the other. E
 call hands its event to :class:`GroupCommit` and waits; the events gathered meanwhile (oldest
 first, at most one per contact, so a contact's order holds) are recorded in ONE transaction
 of a few set-based statements, whatever their number, instead of ~8 round trips each: lock
-the pending rows of their contacts (phone order: two groups never
-deadlock), read every stream version, append them all at the next versions, project them with
-``BatchProjection`` (the rebuild's in-memory projector, tested to match the live SQL), decide
-the replies, upsert and delete the pending rows, read every history snapshot. After the
+the pending rows of their contacts (phone order: two groups never deadlock), read every stream
+version and which events are stored already, append them all at the next versions, project
+them with ``BatchProjection`` (the rebuild's in-memory projector, tested to match the live
+SQL), decide the replies, upsert and delete the pending rows, read every history snapshot. After the
 commit: the cache writes in one pipeline, then each call returns, so the bus acks each event
 only after the commit. A crash at any line before the commit leaves nothing (every event is
 redelivered); after it, the redeliveries are in our log already and change nothing.
@@ -168,9 +168,10 @@ class GroupCommit:
             # contact, not only those with an inbound message: the scheduler appends to the
             # streams whose rows it holds, and waiting for them here means never racing it.
             pending = await store.lock_pending_many(conn, [w.event.stream_id for w in group])
-            versions = await ctx.store.stream_versions(conn, [w.event.stream_id for w in group])
-            # Already in our log: a redelivery, or a provider retry days later.
-            known = await ctx.store.stored_ids(conn, [w.event.event_id for w in group])
+            # Known: already in our log (a redelivery, or a provider retry days later).
+            versions, known = await ctx.store.versions_and_stored(
+                conn, [w.event.stream_id for w in group], [w.event.event_id for w in group]
+            )
             # By stream: the order the scheduler appends in too, so their row locks never deadlock.
             new = sorted((w for w in group if w.event.event_id not in known), key=lambda w: w.event.stream_id)
             at = [versions[w.event.stream_id] + 1 for w in new]
