@@ -24,6 +24,7 @@ from orbion_common.eventstore import StoredEvent
 from .domain import ContactSummary, MessageItem
 from .store import (
     CONTACT_COLUMNS,
+    CONTACT_NAMES,
     Projection,
     SentResult,
     StatusRow,
@@ -102,31 +103,37 @@ class BatchProjection(Projection):
         self._early_deleted: set[str] = set()
 
     async def load(self, conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
+        """Read the rows the events refer to, in one statement: the parts of our replies by
+        their provider ids, the messages by key (theirs included) or provider id, the statuses
+        that came before their message, and the contacts."""
         ids, phones = _referenced(events)
         m, p, e, c = self.messages, self.parts, self.early, self.contacts
-        for r in await conn.fetch(
-            f"SELECT provider_message_id, message_key FROM {p} WHERE provider_message_id = ANY($1)", ids
-        ):
-            self.part_keys[r[0]] = r[1]
-        keys = sorted(set(ids) | set(self.part_keys.values()))
-        rows = await conn.fetch(
-            f"SELECT {_ROW_COLUMNS} FROM {m} WHERE message_key = ANY($1) OR provider_message_id = ANY($2)",
-            keys,
+        found = await conn.fetchrow(
+            # Anonymous records: a table's own row type would change with the rebuild's copies.
+            f"""WITH parts AS (
+                SELECT provider_message_id, message_key FROM {p} WHERE provider_message_id = ANY($1::text[])
+            )
+            SELECT ARRAY(SELECT ROW(provider_message_id, message_key) FROM parts) AS parts,
+                   ARRAY(SELECT ROW({_ROW_COLUMNS}) FROM {m}
+                         WHERE message_key = ANY($1::text[] || ARRAY(SELECT message_key FROM parts))
+                            OR provider_message_id = ANY($1::text[])) AS messages,
+                   ARRAY(SELECT ROW(provider_message_id, status, status_at, error) FROM {e}
+                         WHERE provider_message_id = ANY($1::text[])) AS early,
+                   ARRAY(SELECT ROW({CONTACT_COLUMNS}) FROM {c} WHERE phone = ANY($2::text[])) AS contacts""",
             ids,
+            phones,
         )
-        for r in rows:
-            row = _Row(*r)
+        self.part_keys.update(found["parts"])
+        for values in found["messages"]:
+            row = _Row(*values)
             self.rows[row.message_key] = row
             if row.provider_message_id is not None:
                 self.by_pid[row.provider_message_id] = row.message_key
-        for r in await conn.fetch(
-            f"SELECT provider_message_id, status, status_at, error FROM {e} "
-            "WHERE provider_message_id = ANY($1)",
-            ids,
-        ):
-            self.early_rows[r[0]] = (r[1], r[2], r[3])
-        for r in await conn.fetch(f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = ANY($1)", phones):
-            self.contacts_loaded[r["phone"]] = contact_summary(r)
+        for pid, *status in found["early"]:
+            self.early_rows[pid] = tuple(status)
+        for values in found["contacts"]:
+            contact = contact_summary(dict(zip(CONTACT_NAMES, values, strict=True)))
+            self.contacts_loaded[contact.phone] = contact
 
     # -- the interface projector.apply uses ---------------------------------------------------
 

@@ -11,9 +11,10 @@ tables with the very same SQL the live projector uses, then swap them in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
@@ -39,7 +40,7 @@ def column_names(columns: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in columns.split(","))
 
 
-_CONTACT_NAMES = column_names(CONTACT_COLUMNS)
+CONTACT_NAMES = column_names(CONTACT_COLUMNS)
 
 
 def json_rows(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -64,7 +65,7 @@ def message_item(row: asyncpg.Record) -> MessageItem:
     )
 
 
-def contact_summary(row: asyncpg.Record) -> ContactSummary:
+def contact_summary(row: Mapping[str, Any]) -> ContactSummary:
     return ContactSummary(
         phone=row["phone"],
         profile_name=row["profile_name"],
@@ -376,7 +377,7 @@ class Projection:
     async def save_contacts(self, conn: asyncpg.Connection, summaries: Sequence[ContactSummary]) -> None:
         """Upsert contacts (each phone at most once) in one statement, locked in phone order."""
         if summaries:
-            await conn.execute(self._save_contact, json_rows(_CONTACT_NAMES, map(_contact_row, summaries)))
+            await conn.execute(self._save_contact, json_rows(CONTACT_NAMES, map(_contact_row, summaries)))
 
     async def active_contacts(
         self,
