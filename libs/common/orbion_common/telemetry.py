@@ -48,26 +48,11 @@ _endpoints: set[str] = set()
 
 def _instrument_libraries() -> None:
     # The instrumentors patch asyncpg.Connection and redis client classes once per process;
-    # they warn when asked twice, so ask only once. Imported here: they cost ~80 ms to import.
+    # they warn when asked twice, so ask only once.
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    class SqlInSampledTraces(AsyncPGInstrumentor):
-        """The asyncpg instrumentation, for statements of sampled traces only.
-
-        The official one prepares every statement's span (a regex over the SQL, the SQL split
-        into words for its first one, the attributes, a span started and ended) before the
-        sampler decides, even when the trace is not recorded: about 6% of the conversation
-        service's CPU. A statement outside a sampled trace has nothing to join, and one outside
-        any trace would start a trace of its own (see :func:`background_task`): both run as
-        they are."""
-
-        async def _do_execute(self, func: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            if not trace.get_current_span().get_span_context().trace_flags.sampled:
-                return await func(*args, **kwargs)
-            return await super()._do_execute(func, instance, args, kwargs)  # type: ignore[no-untyped-call]
-
-    for instrumentor in (SqlInSampledTraces(), RedisInstrumentor()):  # type: ignore[no-untyped-call]
+    for instrumentor in (AsyncPGInstrumentor(), RedisInstrumentor()):  # type: ignore[no-untyped-call]
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument()
 

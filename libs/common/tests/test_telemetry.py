@@ -134,47 +134,6 @@ async def test_a_background_task_traces_none_of_its_statements_even_when_started
         await pool.close()
 
 
-async def test_only_a_statement_of_a_sampled_trace_has_its_span_prepared(
-    spans: InMemorySpanExporter, database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The official instrumentation prepares every statement's span (regex, split, attributes)
-    # before the sampler decides; nine traces in ten are not recorded.
-    from opentelemetry.instrumentation import asyncpg as instrumentation
-
-    prepared: list[str] = []
-    hydrate = instrumentation._hydrate_span_from_args
-
-    def counting(connection: object, query: str, *args: object, **kwargs: object) -> object:
-        prepared.append(query)
-        return hydrate(connection, query, *args, **kwargs)
-
-    monkeypatch.setattr(instrumentation, "_hydrate_span_from_args", counting)
-    sampled = SpanContext(0x5EED, 0xF00D, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
-    unsampled = SpanContext(0x5EEE, 0xF00E, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
-    conn = await asyncpg.connect(database_url)
-
-    async def select_in(parent: SpanContext | None) -> None:
-        token = otel_context.attach(
-            trace.set_span_in_context(NonRecordingSpan(parent)) if parent else otel_context.Context()
-        )
-        try:
-            await conn.fetchval("SELECT 1")
-        finally:
-            otel_context.detach(token)
-
-    try:
-        spans.clear()
-        await select_in(unsampled)
-        await select_in(None)  # in no trace: it starts none of its own
-        assert prepared == [] and spans.get_finished_spans() == ()
-        await select_in(sampled)
-        assert prepared == ["SELECT 1"]
-        [span] = spans.get_finished_spans()
-        assert span.context.trace_id == sampled.trace_id and span.parent is not None
-    finally:
-        await conn.close()
-
-
 async def test_fastapi_requests_become_server_spans_except_probes(spans: InMemorySpanExporter) -> None:
     app = create_service_app("testsvc", CommonSettings())
 
