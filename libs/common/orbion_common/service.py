@@ -389,7 +389,7 @@ async def serve(app: ASGIApp, settings: CommonSettings, port: int) -> None:
 
 # Net new container objects between two young collections (CPython's default: 700). A batch of
 # messages in flight holds thousands; collected every 700, they survive into the older
-# generations and set off full collections over every cached object: 15% of the lead's CPU at
+# generations and set off full collections over every cached object: 10-15% of the lead's CPU at
 # 200 msg/s, against none at 20,000 (for at most a few MB of garbage cycles waiting longer).
 YOUNG_COLLECTION_THRESHOLD = 20_000
 
