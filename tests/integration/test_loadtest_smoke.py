@@ -3,21 +3,23 @@
 Starts the five services (tests/integration/system.py, through the load tool's Stack) against
 this session's Postgres and Redis, a JetStream server of the run's own and the instrumented
 fakes, sends 4 msg/s for 3 s and checks what the tool reports: every webhook accepted, every
-due reply delivered once, latencies measured, a report written. The full ladder is
-`orbion loadtest`, not a test.
+due reply delivered once, latencies measured, a report written; and a system that fails to
+start leaves nothing running. The full ladder is `orbion loadtest`, not a test.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 
+import asyncpg
 import pytest
 
-from orbion_loadtest import report
+from orbion_loadtest import report, stack
 from orbion_loadtest.runner import Runner, StepPlan
 from orbion_loadtest.scenarios import Scenario
 from orbion_loadtest.schedule import constant
-from orbion_loadtest.stack import Stack
+from orbion_loadtest.stack import Stack, spawn_fake
 
 
 @pytest.fixture
@@ -70,3 +72,39 @@ async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_i
     }
     path = report.write(tmp_path, meta, [step])
     assert "| smoke 4/s |" in path.read_text()
+
+
+async def test_a_system_that_fails_to_start_leaves_no_process_and_no_database_behind(
+    urls, tmp_path, monkeypatch
+):
+    database_url, redis_url = urls
+    fakes: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: object) -> tuple[subprocess.Popen[str], str]:
+        proc, url = spawn_fake(*args)  # type: ignore[arg-type]
+        fakes.append(proc)
+        return proc, url
+
+    async def databases() -> set[str]:
+        admin = await asyncpg.connect(database_url)
+        try:
+            return {
+                r[0]
+                for r in await admin.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'loadtest_%'")
+            }
+        finally:
+            await admin.close()
+
+    monkeypatch.setattr(stack, "spawn_fake", spawn)
+    before = await databases()
+    failing = Stack(
+        tmp_path / "stack",
+        urls=("", database_url, redis_url),
+        own_nats=True,
+        extra_env={"ORBION_DB_POOL_MAX": "many"},  # every service refuses its settings and exits
+    )
+    with pytest.raises(AssertionError, match="exited"):
+        await failing.start()
+    assert len(fakes) == 2 and all(proc.poll() is not None for proc in fakes)
+    assert failing.system is None and failing.nats is None
+    assert await databases() == before

@@ -154,6 +154,15 @@ class Stack:
         return found.nats_url, found.database_url, found.redis_url
 
     async def start(self) -> Target:
+        """Start the system; if any part of it fails to start, stop what did (services, fakes,
+        JetStream, the fresh database and Redis keys) before raising."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> Target:
         self.workdir.mkdir(parents=True, exist_ok=True)
         root = repo_root()
         if str(root) not in sys.path:
@@ -302,11 +311,7 @@ class Stack:
         self.redis_prefix = ""
 
     async def __aenter__(self) -> Target:
-        try:
-            return await self.start()
-        except BaseException:
-            await self.stop()
-            raise
+        return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
