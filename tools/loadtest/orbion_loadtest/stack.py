@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -40,6 +41,12 @@ APP_SECRET = "loadtest-app-secret"
 API_KEY = "loadtest-api-key"
 WHATSAPP_TOKEN = "loadtest-token"
 PHONE_NUMBER_ID = "100000000000001"
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming the database ``name`` instead; its user, host and options stay, a Unix
+    socket given as ``?host=/var/run/postgresql`` included."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 @dataclass
@@ -216,10 +223,10 @@ class Stack:
             **settings,
             **self.extra_env,
         }
-        base = database_url.rsplit("/", 1)[0]
+        run_database_url = with_database(database_url, self.database)
         self.system = System(
             nats_url=nats_url,
-            database_url=f"{base}/{self.database}",
+            database_url=run_database_url,
             redis_url=redis_url,
             workdir=self.workdir / "services",
             extra_env=env,
@@ -237,7 +244,7 @@ class Stack:
             api_key=API_KEY,
             quiet_period=self.quiet_period,
             pids={name: proc.pid for name, proc in self.system.procs.items()},
-            database_url=f"{base}/{self.database}",
+            database_url=run_database_url,
             nats_url=nats_url,
             stream=env["ORBION_STREAM_NAME"],
             settings={
