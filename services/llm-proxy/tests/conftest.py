@@ -6,6 +6,7 @@ they exist, else from ``ORBION_TEST_*``, else the local default servers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -20,11 +21,14 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:  # so that tests.fakes imports with --import-mode=importlib
     sys.path.insert(0, str(ROOT))
 
+from orbion_common.events import ReplyRequested  # noqa: E402
 from orbion_common.migrations import migrate  # noqa: E402
 from orbion_llm_proxy import store  # noqa: E402
+from orbion_llm_proxy.deps import Deps  # noqa: E402
 from orbion_llm_proxy.settings import Settings  # noqa: E402
+from tests.fakes.whatsapp import FakeWhatsApp  # noqa: E402
 
-from .helpers import close_built  # noqa: E402
+from .helpers import build_deps, close_built, new_phone, reply_requested  # noqa: E402
 
 _DEFAULTS = {
     "database_url": ("ORBION_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
@@ -100,6 +104,20 @@ def cloud_settings(urls: dict[str, str], tag: str, base_url: str, **overrides: A
         urls, tag, whatsapp_token="test-token", whatsapp_api_base_url=base_url,
         whatsapp_phone_number_id="1234567890", **overrides,
     )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def answered_on_cloud(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
+) -> AsyncIterator[tuple[FakeWhatsApp, Deps, ReplyRequested]]:
+    """A fake WhatsApp Cloud API, the llm-proxy wired to it, and a new contact's reply request
+    answered: its reply stored for the sender, not sent yet."""
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
+        req = reply_requested(new_phone())
+        await deps.handlers.answer_reply_request(req)
+        yield fake, deps, req
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from tests.fakes.evolution import FakeEvolution
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.whatsapp import FakeWhatsApp
 
-from .conftest import cloud_settings, make_settings
+from .conftest import answered_on_cloud, cloud_settings, make_settings
 from .helpers import build_deps, new_phone, reply_requested, reply_state, stored_events
 
 
@@ -39,12 +39,8 @@ def _in_doubt_windows() -> float:
 async def test_reply_is_sent_in_thread_with_provider_id(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
-    fake = FakeWhatsApp()
-    async with fake as base_url:
-        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
-        phone = new_phone()
-        req = reply_requested(phone)
-        await deps.handlers.answer_reply_request(req)
+    async with answered_on_cloud(pool, schema, urls, tag) as (fake, deps, req):
+        phone = req.stream_id
         await _settle(deps)
         # A redelivery of the request after the send changes nothing.
         await deps.handlers.answer_reply_request(req)
@@ -195,12 +191,7 @@ async def test_a_reply_stored_while_the_sender_leads_goes_out_without_a_look_at_
 async def test_a_due_reply_is_marked_sending_by_the_read_that_finds_it_before_the_call(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str, monkeypatch: Any
 ) -> None:
-    fake = FakeWhatsApp()
-    async with fake as base_url:
-        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
-        phone = new_phone()
-        req = reply_requested(phone)
-        await deps.handlers.answer_reply_request(req)
+    async with answered_on_cloud(pool, schema, urls, tag) as (fake, deps, req):
         assert deps.sender.provider is not None
         states_during_call: list[str] = []
         marks = 0

@@ -25,7 +25,7 @@ from orbion_llm_proxy import store
 from orbion_llm_proxy.deps import Deps
 from tests.fakes.whatsapp import FakeWhatsApp
 
-from .conftest import cloud_settings
+from .conftest import answered_on_cloud, cloud_settings
 from .helpers import build_deps, new_phone, reply_requested, reply_state, stored_events
 
 SendText = Callable[[str, str, str], Awaitable[str]]
@@ -67,12 +67,8 @@ async def named_pool(urls: dict[str, str], schema: str, tag: str) -> AsyncIterat
 async def test_delivered_reply_is_recorded_although_the_consumer_appended_meanwhile(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
-    fake = FakeWhatsApp()
-    async with fake as base_url:
-        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
-        phone = new_phone()
-        req = reply_requested(phone)
-        await deps.handlers.answer_reply_request(req)
+    async with answered_on_cloud(pool, schema, urls, tag) as (fake, deps, req):
+        phone = req.stream_id
         rival: asyncpg.Connection = await pool.acquire()
         rival_tx = rival.transaction()
 
@@ -151,12 +147,8 @@ async def test_a_result_committed_whose_answer_was_lost_is_recorded_once(
             raise ConnectionResetError("connection lost before the answer")
 
     monkeypatch.setattr(store, "record_sent", committed_then_lost)
-    fake = FakeWhatsApp()
-    async with fake as base_url:
-        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
-        phone = new_phone()
-        req = reply_requested(phone)
-        await deps.handlers.answer_reply_request(req)
+    async with answered_on_cloud(pool, schema, urls, tag) as (fake, deps, req):
+        phone = req.stream_id
         await deps.sender.drain()
     assert answers_lost == 1 and len(fake.sent) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -172,12 +164,8 @@ async def test_a_result_committed_whose_answer_was_lost_is_recorded_once(
 async def test_live_sender_does_not_settle_its_own_send_in_flight_as_in_doubt(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str
 ) -> None:
-    fake = FakeWhatsApp()
-    async with fake as base_url:
-        deps = build_deps(cloud_settings(urls, tag, base_url), pool, schema=schema)
-        phone = new_phone()
-        req = reply_requested(phone)
-        await deps.handlers.answer_reply_request(req)
+    async with answered_on_cloud(pool, schema, urls, tag) as (_, deps, req):
+        phone = req.stream_id
         settled: list[int] = []
 
         async def leadership_regained() -> None:  # e.g. its lock connection died and came back
