@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy libs/common/orbion_common
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/orbion bench

@@ -167,7 +167,7 @@ async def emit(
         summary,
         burst,
         await _recent(conn, ctx, phone),
-        previous.event.payload.reply_key if previous is not None else "",
+        previous.event.payload.reply_key if previous and isinstance(previous.event, ReplyRequested) else "",
         correlation_id,
         causation_id,
     )
