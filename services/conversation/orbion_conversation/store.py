@@ -22,12 +22,18 @@ import orjson
 from .domain import ContactState, ContactSummary, MessageItem, PendingReply
 
 LIVE = ""
+# Inbound rows are keyed by their provider id; outbound replies store theirs once sent.
+_PROVIDER_MESSAGE_ID = "coalesce(provider_message_id, CASE WHEN reply_key = '' THEN message_key ELSE '' END)"
 _MESSAGE_COLUMNS = (
     "message_key, phone, direction, kind, text, status, created_at, position, "
-    # Inbound rows are keyed by their provider id; outbound replies store theirs once sent.
-    "coalesce(provider_message_id, CASE WHEN reply_key = '' THEN message_key ELSE '' END) "
-    "AS provider_message_id, reply_key"
+    f"{_PROVIDER_MESSAGE_ID} AS provider_message_id, reply_key"
 )
+# The same values as an anonymous ROW(...), which takes no aliases, and their names.
+_MESSAGE_VALUES = _MESSAGE_COLUMNS.replace(" AS provider_message_id", "")
+_MESSAGE_NAMES = (
+    "message_key", "phone", "direction", "kind", "text", "status", "created_at", "position",
+    "provider_message_id", "reply_key",
+)  # fmt: skip
 CONTACT_COLUMNS = (
     "phone, profile_name, message_count, inbound_count, outbound_count, first_message_at, "
     "last_inbound_at, last_outbound_at, last_activity_at, opted_out, blocked, handed_off, version, "
@@ -50,7 +56,7 @@ def json_rows(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return orjson.dumps(objects, option=orjson.OPT_NAIVE_UTC).decode()
 
 
-def message_item(row: asyncpg.Record) -> MessageItem:
+def message_item(row: Mapping[str, Any]) -> MessageItem:
     return MessageItem(
         key=row["message_key"],
         phone=row["phone"],
@@ -431,8 +437,8 @@ def _due(row: asyncpg.Record) -> DueBurst:
         row["trace_context"],
         row["stream_version"] or 0,
         row["previous_reply_key"] or "",
-        contact_summary(row["contact"]) if row["contact"] is not None else None,
-        tuple(message_item(m) for m in row["burst"]),
+        contact_summary(dict(zip(CONTACT_NAMES, row["contact"], strict=True))) if row["contact"] else None,
+        tuple(message_item(dict(zip(_MESSAGE_NAMES, m, strict=True))) for m in row["burst"]),
     )
 
 
@@ -516,7 +522,9 @@ async def take_due(conn: asyncpg.Connection, proj: Projection, now: datetime, li
     of the contact's last request, which the new one follows. And of ``proj``: the contact and
     the burst's messages, from which the request is built.
 
-    One statement for the claim, the delete, those reads and the queue's summary.
+    One statement for the claim, the delete, those reads and the queue's summary. The contact
+    and the messages come as anonymous records: a table's own row type would change with the
+    rebuild's swapped-in tables and fail the statement prepared before it.
     """
     records = await conn.fetch(
         f"""WITH due AS (
@@ -535,9 +543,9 @@ async def take_due(conn: asyncpg.Connection, proj: Projection, now: datetime, li
                    (SELECT r.body->'payload'->>'reply_key' FROM events r
                     WHERE r.stream_id = taken.phone AND r.type = 'ReplyRequested'
                     ORDER BY r.version DESC LIMIT 1) AS previous_reply_key,
-                   (SELECT c FROM {proj.contacts} c WHERE c.phone = taken.phone) AS contact,
-                   ARRAY(SELECT m FROM {proj.messages} m WHERE m.message_key = ANY(taken.inbound_ids)
-                         ORDER BY m.created_at, m.position) AS burst
+                   (SELECT ROW({CONTACT_COLUMNS}) FROM {proj.contacts} WHERE phone = taken.phone) AS contact,
+                   ARRAY(SELECT ROW({_MESSAGE_VALUES}) FROM {proj.messages}
+                         WHERE message_key = ANY(taken.inbound_ids) ORDER BY created_at, position) AS burst
             FROM rest LEFT JOIN taken ON true LEFT JOIN events e ON e.event_id = taken.causation_id""",
         now,
         limit,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
-from orbion_common.events import ReplyRequested
+from orbion_common.events import ReplyRequested, utcnow
 from orbion_common.events.messaging import DeliveryStatus
 from orbion_common.eventstore import StoredEvent
+from orbion_conversation import store
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.rebuild import rebuild
 
@@ -24,6 +27,7 @@ from .builders import (
     verification_failed,
     verification_requested,
 )
+from .conftest import make_deps
 
 
 async def dump(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
@@ -122,3 +126,23 @@ async def test_events_appended_during_a_rebuild_are_not_lost(
     assert len(after["conversation_messages"]) == 120
     await rebuild(pool, schema)  # quiet now: a second rebuild agrees with what the live side wrote
     assert await dump(pool) == after
+
+
+async def test_the_reply_scheduler_takes_due_bursts_after_a_rebuild_swapped_the_tables(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """The swap puts new tables under the live names: a connection whose round read the old
+    ones (its statement prepared there) reads the new ones in its next round, not an error."""
+    deps = make_deps(pool, schema, redis, quiet=1.5)
+    phone = new_phone()
+    await record_event(deps, inbound(phone, f"wamid.{phone}.1", "Oi"))
+    await record_event(deps, inbound(phone, f"wamid.{phone}.2", "quanto custa?", seconds=1))
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            assert (await store.take_due(conn, deps.ctx.projection, utcnow(), 10)).rows == []
+        await rebuild(pool, schema)
+        async with conn.transaction():
+            due = await store.take_due(conn, deps.ctx.projection, utcnow() + timedelta(seconds=5), 10)
+    [burst] = due.rows
+    assert burst.contact is not None and burst.contact.inbound_count == 2
+    assert [m.text for m in burst.burst] == ["Oi", "quanto custa?"]
