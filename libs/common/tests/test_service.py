@@ -19,7 +19,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orbion_common.service import ServiceServer, create_service_app, freeze_startup_objects
+from orbion_common.service import ServiceServer, create_service_app, tune_garbage_collector
 from orbion_common.settings import CommonSettings
 
 SETTINGS = CommonSettings()
@@ -319,7 +319,7 @@ def test_a_serving_service_collects_its_young_objects_after_thousands_not_hundre
 
     thresholds = gc.get_threshold()
     try:
-        freeze_startup_objects()
+        tune_garbage_collector()
         gc.callbacks.append(count)
         in_flight = [[] for _ in range(5_000)]  # a batch's objects, alive while it is handled
         assert collections == []  # CPython's default collects every 700 and promotes them
@@ -344,7 +344,7 @@ def test_startup_objects_are_frozen_after_their_garbage_is_collected() -> None:
     freed = weakref.ref(garbage)
     del garbage
     try:
-        freeze_startup_objects()
+        tune_garbage_collector()
         assert gc.get_freeze_count() > 0  # what exists now is left out of every collection
         assert freed() is None  # collected first: frozen, it would never be freed
     finally:

@@ -173,7 +173,7 @@ async def stop_workers(deps: Deps, tasks: list[asyncio.Task[None]]) -> None:
 
 async def _main() -> None:
     from orbion_common.logging import configure_logging
-    from orbion_common.service import ServiceServer, freeze_startup_objects
+    from orbion_common.service import ServiceServer, tune_garbage_collector
     from orbion_common.telemetry import setup_telemetry
 
     from .app import create_app
@@ -199,7 +199,7 @@ async def _main() -> None:
     log.info("replies are sent via %s", deps.sender.via)
     tasks = start_workers(deps)
     server = ServiceServer(create_app(deps), settings, settings.llm_proxy_port)
-    freeze_startup_objects()
+    tune_garbage_collector()
     try:
         with server.capture_signals():
             await server.serve()
