@@ -709,12 +709,18 @@ class Bus:
         infos = await self.js.consumers_info(self.settings.stream_name)
         return {i.name: {"pending": i.num_pending, "ack_pending": i.num_ack_pending} for i in infos}
 
-    async def close(self) -> None:
-        """Stop fetching, let in-flight batches finish (their acks included), then drain."""
+    async def stop_consuming(self) -> None:
+        """Stop fetching and let in-flight batches finish, their acks included. Publishing
+        still works: a service stops its consumers, then what publishes (relays, schedulers),
+        and closes the bus last."""
         self._stopping.set()
         if self._consumers:
             await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()
+
+    async def close(self) -> None:
+        """Stop consuming (:meth:`stop_consuming`), then drain the connection."""
+        await self.stop_consuming()
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.drain()

@@ -8,7 +8,6 @@ consumer name and cache prefix (``build``), and the app with ``app.create_app``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.ratelimit import RateLimiter, Tier, limit_requests
 from orbion_common.relay import Relay
 from orbion_common.service import run, serve
-from orbion_common.telemetry import background_task, setup_telemetry
+from orbion_common.telemetry import background_task, finish_tasks, setup_telemetry
 
 from .app import AppDeps, create_app
 from .consumers import Deps, consumer_spec
@@ -60,7 +59,7 @@ class Service:
     redis: Redis | None = None
     bus: Bus | None = None
     relay: Relay | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def start(self, durable: str = SERVICE, *, deliver_new_only: bool = False) -> None:
         """Start the consumer (when a bus is given), the relay and the reply scheduler."""
@@ -72,22 +71,24 @@ class Service:
                 spec = replace(spec, deliver_new_only=True)
             self.bus.consume(spec, GroupCommit(self.deps).handle)
         if self.relay is not None:
-            self.tasks.append(background_task(self.relay.run(), name="conversation-relay"))
-        self.tasks.append(background_task(self.scheduler.run(), name="conversation-replies"))
+            self.tasks["relay"] = background_task(self.relay.run(), name="conversation-relay")
+        self.tasks["scheduler"] = background_task(self.scheduler.run(), name="conversation-replies")
 
     async def stop(self) -> None:
-        """Consumer first (in-flight handlers finish and ack), then scheduler and relay."""
+        """In the order work flows: the consumer (in-flight handlers finish and ack), the
+        scheduler (its round in flight ends), the relay (its publishes of what committed
+        meanwhile finish), and the connection they publish on last. Events left unpublished
+        stay in the store for the relay's next read."""
         if self.bus is not None:
-            await self.bus.close()
+            await self.bus.stop_consuming()
         await self.scheduler.stop()
+        await finish_tasks([task for name, task in self.tasks.items() if name == "scheduler"])
         if self.relay is not None:
             await self.relay.stop()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await finish_tasks(list(self.tasks.values()))
         self.tasks.clear()
+        if self.bus is not None:
+            await self.bus.close()
 
 
 def build(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import httpx
@@ -14,7 +15,7 @@ from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
 from orbion_common.bus import Bus, Delivery
-from orbion_common.events import Event, ReplyRequested, decode
+from orbion_common.events import Event, ReplyRequested, decode, utcnow
 from orbion_conversation import consumers
 from orbion_conversation.app import create_app
 from orbion_conversation.bootstrap import Service, app_deps, build
@@ -124,6 +125,47 @@ async def test_inbound_on_the_bus_becomes_history_and_one_published_reply_reques
             ("in", "quanto custa?", "received"),
             ("in", "Oi", "received"),
         ]
+    finally:
+        await nc.close()
+
+
+async def test_a_reply_request_committed_while_the_service_stops_is_published_before_it_stops(
+    service: Service, nats_test_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection closes last: a scheduler round that commits as the service stops gets
+    its request published, not left to the relay's read at the next start."""
+    assert service.relay is not None
+    relay = service.relay
+
+    async def leading() -> bool:
+        return relay.leader
+
+    await wait_for(leading)
+    phone = new_phone()
+    seen: list[Event] = []
+    nc = await nats.connect(nats_test_url)
+
+    async def collect(msg: Msg) -> None:
+        event = decode(msg.data)
+        if event.stream_id == phone:
+            seen.append(event)
+
+    await nc.subscribe("orbion.events.ReplyRequested.*", cb=collect)
+    stop_scheduler = service.scheduler.stop
+
+    async def stop_after_a_last_round() -> None:
+        await consumers.record_event(service.deps, inbound(phone, f"wamid.{phone}", "Oi"))
+        assert await service.scheduler.emit_due(utcnow() + timedelta(seconds=1)) == 1
+        await stop_scheduler()
+
+    monkeypatch.setattr(service.scheduler, "stop", stop_after_a_last_round)
+    try:
+        await service.stop()
+
+        async def published() -> bool:
+            return len(seen) == 1
+
+        await wait_for(published, tries=20)
     finally:
         await nc.close()
 

@@ -24,7 +24,7 @@ from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.ratelimit import RateLimiter
 from orbion_common.relay import Relay
 from orbion_common.service import run, serve
-from orbion_common.telemetry import background_task, setup_telemetry, shutdown_telemetry
+from orbion_common.telemetry import background_task, finish_tasks, setup_telemetry, shutdown_telemetry
 
 from .app import SERVICE, Deps, build_app
 from .consumers import CONSUMER, LeadConsumers, consumer_spec
@@ -64,7 +64,7 @@ class Service:
     relay: Relay | None = None
     durable: str = CONSUMER
     deliver_new_only: bool = False
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def deps(self) -> Deps:
@@ -92,31 +92,28 @@ class Service:
         if self.bus is not None:
             self.bus.consume(self.consumer_spec(), self.consumers.handle)
         if self.relay is not None:
-            self.tasks.append(background_task(self.relay.run(), name="lead-relay"))
-        self.tasks.append(
-            background_task(
-                self.recorder.run_timers(self._stop, poll_seconds=self.settings.lead_timer_poll_seconds),
-                name="lead-timers",
-            )
+            self.tasks["relay"] = background_task(self.relay.run(), name="lead-relay")
+        self.tasks["timers"] = background_task(
+            self.recorder.run_timers(self._stop, poll_seconds=self.settings.lead_timer_poll_seconds),
+            name="lead-timers",
         )
 
     async def stop(self) -> None:
-        """Consumer first (in-flight handlers finish and ack), then timers and relay, then pools.
-
-        Events appended but not yet relayed stay in the store; the next start publishes them.
-        """
+        """In the order work flows: the consumer (in-flight handlers finish and ack), the
+        timers, the recorder (what it holds commits), the relay (it publishes what committed),
+        the connection they publish on, then the pools. Events left unpublished stay in the
+        store for the relay's next read."""
+        if self.bus is not None:
+            await self.bus.stop_consuming()
         self._stop.set()
+        await finish_tasks([task for name, task in self.tasks.items() if name == "timers"])
+        await self.recorder.close()
         if self.relay is not None:
             await self.relay.stop()
+        await finish_tasks(list(self.tasks.values()))
+        self.tasks.clear()
         if self.bus is not None:
             await self.bus.close()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self.tasks.clear()
-        await self.recorder.close()
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()

@@ -20,7 +20,7 @@ from orbion_common.db import create_pool
 from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.relay import Relay
-from orbion_common.telemetry import background_task
+from orbion_common.telemetry import background_task, finish_tasks
 
 from . import store
 from .consumers import Handlers, consumer_specs
@@ -131,7 +131,7 @@ def build_deps(
 
 def start_workers(
     deps: Deps, *, consumer_prefix: str = SERVICE, deliver_new_only: bool = False
-) -> list[asyncio.Task[None]]:
+) -> dict[str, asyncio.Task[None]]:
     """Consumers (on the bus), relay, sender, breaker recorder and Sheets exporter as tasks."""
     specs = consumer_specs(consumer_prefix, deps.settings.max_deliver, deliver_new_only=deliver_new_only)
     if deps.bus is not None:
@@ -139,33 +139,35 @@ def start_workers(
         deps.bus.consume(specs["verification"], deps.handlers.ask_human_verification)
         if deps.exporter is not None:
             deps.bus.consume(specs["exports"], deps.handlers.queue_lead_export)
-    tasks = [
-        background_task(deps.sender.run(), name="llm-proxy-sender"),
-        background_task(deps.recorder.run(), name="llm-proxy-breaker-events"),
-    ]
+    tasks = {
+        "sender": background_task(deps.sender.run(), name="llm-proxy-sender"),
+        "breaker-events": background_task(deps.recorder.run(), name="llm-proxy-breaker-events"),
+    }
     if deps.relay is not None:
-        tasks.append(background_task(deps.relay.run(), name="llm-proxy-relay"))
+        tasks["relay"] = background_task(deps.relay.run(), name="llm-proxy-relay")
     if deps.exporter is not None:
-        tasks.append(background_task(deps.exporter.run(), name="llm-proxy-sheets"))
+        tasks["sheets"] = background_task(deps.exporter.run(), name="llm-proxy-sheets")
     return tasks
 
 
-async def stop_workers(deps: Deps, tasks: list[asyncio.Task[None]]) -> None:
-    """Stop consuming first (in-flight handlers finish), then the sender, then the relay."""
+async def stop_workers(deps: Deps, tasks: dict[str, asyncio.Task[None]]) -> None:
+    """In the order work flows: consuming (in-flight handlers finish), the sender, the Sheets
+    exporter and the breaker events (their last commits), the relay (it publishes what
+    committed), and the connection they publish on last."""
     if deps.bus is not None:
-        await deps.bus.close()
+        await deps.bus.stop_consuming()
     await deps.sender.stop()
     if deps.exporter is not None:
         await deps.exporter.stop()
     with contextlib.suppress(Exception):
         await deps.recorder.flush()
     await deps.recorder.stop()
+    await finish_tasks([task for name, task in tasks.items() if name != "relay"], grace=10.0)
     if deps.relay is not None:
         await deps.relay.stop()
-    _done, pending = await asyncio.wait(tasks, timeout=10.0)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await finish_tasks(list(tasks.values()))
+    if deps.bus is not None:
+        await deps.bus.close()
     if deps.sender.provider is not None:
         await deps.sender.provider.aclose()
     await deps.responder.aclose()
