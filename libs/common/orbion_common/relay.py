@@ -138,6 +138,9 @@ class Relay:
                             published = await self.publish_pending()
                             if published < self.batch_size:
                                 await self._sleep(self.poll_seconds)
+                        # What committed before the stop goes out now, not at the next
+                        # leader's read: services close their bus after their relay.
+                        await self.publish_pending()
                     finally:
                         self.leader = False
                         self._ahead.clear()  # the next term reads from the saved cursor

@@ -78,6 +78,24 @@ async def test_a_running_relay_publishes_soon_after_a_commit_and_only_one_replic
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def test_a_stopping_relay_publishes_what_committed_before_its_stop(parts):
+    """Not left to the next leader's read: a stop right after a commit (the service's last
+    handlers and rounds finishing) still publishes it, as the bus closes after the relay."""
+    pool, store, bus = parts
+    relay = Relay(pool, store, bus, poll_seconds=60)
+    task = asyncio.create_task(relay.run())
+    for _ in range(100):
+        if relay.leader:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # its first read done, it waits for a wake-up or a minute
+    async with pool.acquire() as conn:
+        await store.append(conn, "5511", [inbound("5511", 1)])
+    await relay.stop()
+    await asyncio.wait_for(task, 5)
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1
+
+
 async def test_a_leading_relay_writes_its_cursor_at_most_once_an_interval_and_when_it_stops(parts):
     pool, store, bus = parts
     relay = Relay(pool, store, bus, poll_seconds=0.05, checkpoint_seconds=3600)
