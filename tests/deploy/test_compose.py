@@ -30,6 +30,8 @@ from orbion_common.bus import ConsumerSpec
 from orbion_common.cli import build_parser
 from orbion_common.service import ServiceServer
 from orbion_common.settings import CommonSettings
+from orbion_common.telemetry import finish_tasks
+from orbion_llm_proxy.bootstrap import WORKERS_STOP_GRACE_SECONDS
 
 SCHEMA = Path(__file__).parent / "schemas" / "compose-spec.json"
 FILES = ("docker-compose.yml", "compose.demo.yml")
@@ -206,8 +208,10 @@ def test_collector_feeds_the_monitor_and_jaeger(
 
     monitor_settings = settings_from_env("monitor", kit.service_environment(services["monitor"]))
     exporters = {name: config["exporters"][name] for name in pipeline["exporters"]}
-    hosts = {urlsplit(e["endpoint"] if "://" in e["endpoint"] else f"grpc://{e['endpoint']}").hostname: e
-             for e in exporters.values()}
+    hosts = {
+        urlsplit(e["endpoint"] if "://" in e["endpoint"] else f"grpc://{e['endpoint']}").hostname: e
+        for e in exporters.values()
+    }
     assert {"monitor", "jaeger"} <= set(hosts) and set(hosts) <= set(services)
     monitor_url = urlsplit(hosts["monitor"]["endpoint"])
     assert monitor_url.port == monitor_settings.service_port("monitor")
@@ -263,6 +267,8 @@ def test_demo_points_the_llm_proxy_at_fakes_that_exist(
 def test_stop_grace_outlasts_the_drain(compose_projects: dict[str, Doc], kit: SimpleNamespace) -> None:
     http_graceful = inspect.signature(ServiceServer.__init__).parameters["graceful_seconds"].default
     ack_wait = ConsumerSpec.__dataclass_fields__["ack_wait_seconds"].default
+    # Then the loops that commit (the llm-proxy's sender the longest) and the relay end.
+    loops = WORKERS_STOP_GRACE_SECONDS + inspect.signature(finish_tasks).parameters["grace"].default
     for name in kit.SERVICES:
         grace = compose_projects["default"]["services"][name]["stop_grace_period"]
-        assert grace.endswith("s") and float(grace[:-1]) > http_graceful + ack_wait, name
+        assert grace.endswith("s") and float(grace[:-1]) > http_graceful + ack_wait + loops, name

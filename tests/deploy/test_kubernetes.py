@@ -31,6 +31,8 @@ from orbion_common.bus import ConsumerSpec
 from orbion_common.cli import build_parser
 from orbion_common.service import PROBE_PATHS, ServiceServer, create_service_app
 from orbion_common.settings import CommonSettings
+from orbion_common.telemetry import finish_tasks
+from orbion_llm_proxy.bootstrap import WORKERS_STOP_GRACE_SECONDS
 
 # Oldest Kubernetes the manifests support (docs/deploy.md); schemas are checked at this version.
 KUBERNETES_VERSION = "1.30.0"
@@ -130,8 +132,11 @@ def test_each_service_has_a_deployment_a_service_and_a_disruption_budget(
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert selects(deployments[name]["spec"]["selector"], labels), f"{name}: selector misses its pods"
         assert selects({"matchLabels": services[name]["spec"]["selector"]}, labels), f"Service {name}"
-        pods_of = [d for d, dep in deployments.items()
-                   if selects(pdbs[name]["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])]
+        pods_of = [
+            d
+            for d, dep in deployments.items()
+            if selects(pdbs[name]["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+        ]
         assert pods_of == [name], f"PodDisruptionBudget {name} selects {pods_of}"
         target = services[name]["spec"]["ports"][0]["targetPort"]
         named_port(deployments[name]["spec"]["template"]["spec"]["containers"][0], target)
@@ -296,16 +301,18 @@ def test_shutdown_grace_outlasts_prestop_and_drain(
     overlay: str, rendered: dict[str, list[Doc]], kit: SimpleNamespace
 ) -> None:
     # What a stopping pod does, from the code: HTTP graceful stop, then in-flight events
-    # finish within their ack wait and NATS drains.
+    # finish within their ack wait, then the loops that commit (the llm-proxy's sender the
+    # longest) and the relay end, and NATS drains.
     http_graceful = inspect.signature(ServiceServer.__init__).parameters["graceful_seconds"].default
     ack_wait = ConsumerSpec.__dataclass_fields__["ack_wait_seconds"].default
+    loops = WORKERS_STOP_GRACE_SECONDS + inspect.signature(finish_tasks).parameters["grace"].default
     for name, deployment in kit.by_kind(rendered[overlay], "Deployment").items():
         spec = deployment["spec"]["template"]["spec"]
         (container,) = spec["containers"]
         command = container["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep", f"{name}: preStop should wait for endpoint removal"
         pre_stop = float(command[1])
-        assert spec["terminationGracePeriodSeconds"] > pre_stop + http_graceful + ack_wait, name
+        assert spec["terminationGracePeriodSeconds"] > pre_stop + http_graceful + ack_wait + loops, name
         startup = container["startupProbe"]
         budget = startup["periodSeconds"] * startup["failureThreshold"]
         # Migrations run before the HTTP server starts: give them minutes, not seconds.
@@ -373,12 +380,20 @@ def test_only_the_gateway_is_reachable_from_outside(
     overlay: str, rendered: dict[str, list[Doc]], kit: SimpleNamespace
 ) -> None:
     docs = rendered[overlay]
-    pods = {name: w["spec"]["template"]["metadata"]["labels"]
-            for kind in ("Deployment", "StatefulSet") for name, w in kit.by_kind(docs, kind).items()}
+    pods = {
+        name: w["spec"]["template"]["metadata"]["labels"]
+        for kind in ("Deployment", "StatefulSet")
+        for name, w in kit.by_kind(docs, kind).items()
+    }
     policies = [p for p in docs if p["kind"] == "NetworkPolicy"]
-    isolated = {name for name, labels in pods.items()
-                if any("Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
-                       for p in policies)}
+    isolated = {
+        name
+        for name, labels in pods.items()
+        if any(
+            "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
+            for p in policies
+        )
+    }
     assert isolated == set(pods), f"pods without an ingress policy accept anything: {set(pods) - isolated}"
     reachable_from_outside: set[str] = set()
     for policy in policies:
@@ -387,6 +402,7 @@ def test_only_the_gateway_is_reachable_from_outside(
             # No peers, an IP block or another namespace: traffic from outside this namespace.
             external = not peers or any("ipBlock" in p or "namespaceSelector" in p for p in peers)
             if external:
-                reachable_from_outside |= {n for n, labels in pods.items()
-                                           if selects(policy["spec"]["podSelector"], labels)}
+                reachable_from_outside |= {
+                    n for n, labels in pods.items() if selects(policy["spec"]["podSelector"], labels)
+                }
     assert reachable_from_outside == {"gateway"}

@@ -129,6 +129,11 @@ def build_deps(
     )
 
 
+# A send in flight gets this long to end on a stop (a WhatsApp call, then its commit); the relay
+# then gets finish_tasks' default.
+WORKERS_STOP_GRACE_SECONDS = 10.0
+
+
 def start_workers(
     deps: Deps, *, consumer_prefix: str = SERVICE, deliver_new_only: bool = False
 ) -> dict[str, asyncio.Task[None]]:
@@ -162,7 +167,9 @@ async def stop_workers(deps: Deps, tasks: dict[str, asyncio.Task[None]]) -> None
     with contextlib.suppress(Exception):
         await deps.recorder.flush()
     await deps.recorder.stop()
-    await finish_tasks([task for name, task in tasks.items() if name != "relay"], grace=10.0)
+    await finish_tasks(
+        [task for name, task in tasks.items() if name != "relay"], grace=WORKERS_STOP_GRACE_SECONDS
+    )
     if deps.relay is not None:
         await deps.relay.stop()
     await finish_tasks(list(tasks.values()))
