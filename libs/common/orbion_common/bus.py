@@ -372,11 +372,16 @@ class Bus:
     async def connect(cls, settings: CommonSettings, *, name: str) -> Bus:
         """Connect (reconnecting for ever after a loss) and provision the streams."""
 
+        bus: Bus | None = None
+
         async def on_error(exc: Exception) -> None:
             log.warning("nats error: %s", exc)
 
         async def on_disconnect() -> None:
-            log.warning("nats disconnected")
+            if bus is not None and bus._stopping.is_set():
+                log.info("nats connection closed")  # our own drain on stop, not an outage
+            else:
+                log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats reconnected")

@@ -1,6 +1,7 @@
 """The bus against a real NATS JetStream; each test has its own stream and consumers."""
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 
 import pytest
@@ -409,3 +410,16 @@ async def test_a_stored_trace_context_that_is_not_valid_is_not_passed_on(bus, un
     bus.consume(ConsumerSpec(durable=f"bad{unique}", event_types=("MessageReceived",)), handler)
     await wait_for(lambda: seen)
     assert seen[0].get("traceparent") != traceparent
+
+
+async def test_closing_the_bus_is_not_reported_as_a_lost_connection(nats_url, unique, caplog):
+    """A stop is not an outage: the drain's disconnect logs no warning."""
+    settings = CommonSettings(nats_url=nats_url, stream_name=f"C{unique}".upper())
+    bus = await Bus.connect(settings, name="closing")
+    await bus.js.delete_stream(settings.stream_name)
+    await bus.js.delete_stream(f"{settings.stream_name}_DLQ")
+    with caplog.at_level(logging.INFO, logger="orbion_common.bus"):
+        await bus.close()
+        await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "nats connection closed" in caplog.text
