@@ -50,8 +50,9 @@ def register(subparsers: Any) -> None:
                         help=f"only these services, of {', '.join(SERVICES)} (default: all installed)")
     parser.add_argument("--ready-timeout", type=float, default=90.0,
                         help="seconds to wait for every /readyz before warning (default 90)")
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="seconds a service gets to drain on stop before it is killed (default 30)")
+    # As docker-compose.yml's stop_grace_period: HTTP, in-flight events, then the loops and the relay.
+    parser.add_argument("--grace", type=float, default=45.0,
+                        help="seconds a service gets to drain on stop before it is killed (default 45)")
     parser.set_defaults(handler=run_up)
 
 
