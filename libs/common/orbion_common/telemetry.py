@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import logging
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
@@ -139,15 +139,16 @@ def background_task(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[
     return asyncio.create_task(_untraced(coro), name=name, context=contextvars.Context())
 
 
-async def finish_tasks(tasks: Sequence[asyncio.Task[Any]], *, grace: float = 5.0) -> None:
+async def finish_tasks(tasks: Iterable[asyncio.Task[Any] | None], *, grace: float = 5.0) -> None:
     """Wait up to ``grace`` seconds for stopped background loops to end, then cancel those
-    still running; their errors are theirs to log."""
-    pending = [t for t in tasks if not t.done()]
+    still running; their errors are theirs to log. ``None`` stands for a loop never started."""
+    started = [t for t in tasks if t is not None]
+    pending = [t for t in started if not t.done()]
     if pending:
         _finished, late = await asyncio.wait(pending, timeout=grace)
         for task in late:
             task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*started, return_exceptions=True)
 
 
 async def _untraced(coro: Coroutine[Any, Any, T]) -> T:

@@ -24,12 +24,11 @@ from orbion_common.eventstore import StoredEvent
 from .domain import ContactSummary, MessageItem
 from .store import (
     CONTACT_COLUMNS,
-    CONTACT_NAMES,
     Projection,
     SentResult,
     StatusRow,
     column_names,
-    contact_summary,
+    contact_of_record,
     json_rows,
 )
 
@@ -132,7 +131,7 @@ class BatchProjection(Projection):
         for pid, *status in found["early"]:
             self.early_rows[pid] = tuple(status)
         for values in found["contacts"]:
-            contact = contact_summary(dict(zip(CONTACT_NAMES, values, strict=True)))
+            contact = contact_of_record(values)
             self.contacts_loaded[contact.phone] = contact
 
     # -- the interface projector.apply uses ---------------------------------------------------

@@ -82,10 +82,10 @@ class Service:
         if self.bus is not None:
             await self.bus.stop_consuming()
         await self.scheduler.stop()
-        await finish_tasks([task for name, task in self.tasks.items() if name == "scheduler"])
+        await finish_tasks([self.tasks.get("scheduler")])
         if self.relay is not None:
             await self.relay.stop()
-        await finish_tasks(list(self.tasks.values()))
+        await finish_tasks(self.tasks.values())
         self.tasks.clear()
         if self.bus is not None:
             await self.bus.close()

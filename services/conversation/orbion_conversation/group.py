@@ -7,9 +7,9 @@ of a few set-based statements, whatever their number, instead of ~8 round trips 
 the pending rows of their contacts (phone order: two groups never deadlock), read every stream
 version and which events are stored already, append them all at the next versions, project
 them with ``BatchProjection`` (the rebuild's in-memory projector, tested to match the live
-SQL), decide the replies, upsert and delete the pending rows, read every history snapshot. After the
-commit: the cache writes in one pipeline, then each call returns, so the bus acks each event
-only after the commit. A crash at any line before the commit leaves nothing (every event is
+SQL), decide the replies, upsert and delete the pending rows, read every history snapshot.
+After the commit: the cache writes in one pipeline, then each call returns, so the bus acks
+each event only after the commit. A crash at any line before the commit leaves nothing (every event is
 redelivered); after it, the redeliveries are in our log already and change nothing.
 
 A group of one, or a group that failed (another replica appended to one of its streams, a

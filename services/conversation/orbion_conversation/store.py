@@ -22,18 +22,12 @@ import orjson
 from .domain import ContactState, ContactSummary, MessageItem, PendingReply
 
 LIVE = ""
+_MESSAGE_PLAIN = "message_key, phone, direction, kind, text, status, created_at, position"
 # Inbound rows are keyed by their provider id; outbound replies store theirs once sent.
 _PROVIDER_MESSAGE_ID = "coalesce(provider_message_id, CASE WHEN reply_key = '' THEN message_key ELSE '' END)"
-_MESSAGE_COLUMNS = (
-    "message_key, phone, direction, kind, text, status, created_at, position, "
-    f"{_PROVIDER_MESSAGE_ID} AS provider_message_id, reply_key"
-)
-# The same values as an anonymous ROW(...), which takes no aliases, and their names.
-_MESSAGE_VALUES = _MESSAGE_COLUMNS.replace(" AS provider_message_id", "")
-_MESSAGE_NAMES = (
-    "message_key", "phone", "direction", "kind", "text", "status", "created_at", "position",
-    "provider_message_id", "reply_key",
-)  # fmt: skip
+_MESSAGE_COLUMNS = f"{_MESSAGE_PLAIN}, {_PROVIDER_MESSAGE_ID} AS provider_message_id, reply_key"
+# The same values for an anonymous ROW(...), which takes no aliases.
+_MESSAGE_VALUES = f"{_MESSAGE_PLAIN}, {_PROVIDER_MESSAGE_ID}, reply_key"
 CONTACT_COLUMNS = (
     "phone, profile_name, message_count, inbound_count, outbound_count, first_message_at, "
     "last_inbound_at, last_outbound_at, last_activity_at, opted_out, blocked, handed_off, version, "
@@ -47,6 +41,7 @@ def column_names(columns: str) -> tuple[str, ...]:
 
 
 CONTACT_NAMES = column_names(CONTACT_COLUMNS)
+_MESSAGE_NAMES = (*column_names(_MESSAGE_PLAIN), "provider_message_id", "reply_key")
 
 
 def json_rows(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -94,6 +89,11 @@ def contact_summary(row: Mapping[str, Any]) -> ContactSummary:
         lead_stage=row["lead_stage"],
         language=row["language"],
     )
+
+
+def contact_of_record(values: Sequence[Any]) -> ContactSummary:
+    """A contact read as an anonymous ``ROW(CONTACT_COLUMNS)``."""
+    return contact_summary(dict(zip(CONTACT_NAMES, values, strict=True)))
 
 
 def _contact_row(s: ContactSummary) -> tuple[object, ...]:
@@ -437,7 +437,7 @@ def _due(row: asyncpg.Record) -> DueBurst:
         row["trace_context"],
         row["stream_version"] or 0,
         row["previous_reply_key"] or "",
-        contact_summary(dict(zip(CONTACT_NAMES, row["contact"], strict=True))) if row["contact"] else None,
+        contact_of_record(row["contact"]) if row["contact"] else None,
         tuple(message_item(dict(zip(_MESSAGE_NAMES, m, strict=True))) for m in row["burst"]),
     )
 

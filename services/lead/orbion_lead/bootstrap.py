@@ -106,11 +106,11 @@ class Service:
         if self.bus is not None:
             await self.bus.stop_consuming()
         self._stop.set()
-        await finish_tasks([task for name, task in self.tasks.items() if name == "timers"])
+        await finish_tasks([self.tasks.get("timers")])
         await self.recorder.close()
         if self.relay is not None:
             await self.relay.stop()
-        await finish_tasks(list(self.tasks.values()))
+        await finish_tasks(self.tasks.values())
         self.tasks.clear()
         if self.bus is not None:
             await self.bus.close()

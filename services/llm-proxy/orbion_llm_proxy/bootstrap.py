@@ -172,7 +172,7 @@ async def stop_workers(deps: Deps, tasks: dict[str, asyncio.Task[None]]) -> None
     )
     if deps.relay is not None:
         await deps.relay.stop()
-    await finish_tasks(list(tasks.values()))
+    await finish_tasks(tasks.values())
     if deps.bus is not None:
         await deps.bus.close()
     if deps.sender.provider is not None:
