@@ -14,11 +14,13 @@ publishing them, which would hand every consumer a duplicate once JetStream's wi
 Only one relay per schema publishes at a time (``leadership``): replicas stand by and take
 over when the holder's connection dies.
 
-A service that has just committed events it knows to be wanted at once (a reply request)
-hands them to :meth:`Relay.publish_committed`, which publishes them without waiting for the
-relay's wake-up and read of the log; that read then passes them. The log stays the source of
-truth: an event whose early publish failed, or was cut short by a crash, is published by the
-read.
+A service that has just committed events hands them to :meth:`Relay.publish_committed`, which
+publishes them without waiting for the relay's wake-up and read of the log; that read, at its
+next poll, then passes them. One task publishes what is handed over, in the order handed over,
+several hand-overs in one go when they come faster than JetStream acks. The log stays the
+source of truth: an event whose early publish failed, or was cut short by a crash, is published
+by the read, and nothing is published early again until a read has caught up (nor, in a new
+term, before its first read has).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from .bus import Bus, BusUnavailable
-from .eventstore import Cursor, EventStore, StoredEvent
+from .events import Envelope
+from .eventstore import Cursor, EventStore
 from .leadership import leadership
 
 log = logging.getLogger(__name__)
@@ -79,50 +82,68 @@ class Relay:
         self._saved_at = -math.inf  # a term's first batch is written
         # Event id -> when it was published ahead of the read (publish_committed), in that order.
         self._ahead: dict[str, float] = {}
-        self._publishing_ahead: set[asyncio.Task[None]] = set()
+        self._handed: list[tuple[Envelope, dict[str, str] | None]] = []  # waiting for the task
+        self._publishing_ahead: asyncio.Task[None] | None = None
+        # The log holds events not handed over (a new term's backlog, a failed early publish):
+        # until a read catches up, the read publishes everything, in the log's order.
+        self._read_behind = True
 
     def wake(self) -> None:
         """Publish now rather than at the next poll (call after committing appended events)."""
         self._wake.set()
 
-    def publish_committed(self, stored: Sequence[StoredEvent]) -> asyncio.Task[None] | None:
-        """Publish events the caller has just committed, in the background, ahead of the
-        relay's read of the log, which then passes them. Only while this relay leads: another
-        replica's relay publishes them at its next poll. Returns the publishing task, if any."""
-        owned = [s for s in stored if self.publish_types is None or s.event.type in self.publish_types]
+    def publish_committed(
+        self, events: Sequence[Envelope], trace_contexts: Sequence[dict[str, str] | None]
+    ) -> asyncio.Task[None] | None:
+        """Publish events the caller has just committed (each with the trace context it was
+        stored with), in the background, ahead of the relay's read of the log, which then passes
+        them. Only while this relay leads and no early publish has failed since its last read
+        caught up: otherwise the read publishes them. Returns the publishing task, if any."""
+        owned = [
+            (e, t)
+            for e, t in zip(events, trace_contexts, strict=True)
+            if self.publish_types is None or e.type in self.publish_types
+        ]
         if not owned:
             return None
-        if not self.leader:
+        if not self.leader or self._read_behind:
             self.wake()
             return None
-        task = asyncio.create_task(self._publish_ahead(owned), name=f"relay-ahead:{self.store.schema}")
-        self._publishing_ahead.add(task)
-        task.add_done_callback(self._publishing_ahead.discard)
-        return task
-
-    async def _publish_ahead(self, owned: Sequence[StoredEvent]) -> None:
-        try:
-            await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
-        except Exception as exc:  # the read publishes them: nothing is lost
-            log.warning(
-                "relay %s.%s: %d events left to the log's read: %r",
-                self.store.schema,
-                self.name,
-                len(owned),
-                exc,
+        self._handed.extend(owned)
+        if self._publishing_ahead is None or self._publishing_ahead.done():
+            self._publishing_ahead = asyncio.create_task(
+                self._publish_handed(), name=f"relay-ahead:{self.store.schema}"
             )
-            self.wake()
-            return
-        now = time.monotonic()
-        while self._ahead and now - next(iter(self._ahead.values())) > AHEAD_MEMORY_SECONDS:
-            del self._ahead[next(iter(self._ahead))]
-        self._ahead.update((s.event.event_id, now) for s in owned)
-        RELAYED.labels(self.store.schema).inc(len(owned))
+        return self._publishing_ahead
+
+    async def _publish_handed(self) -> None:
+        while self._handed and not self._read_behind:
+            batch, self._handed = self._handed, []
+            try:
+                await self.bus.publish_all([e for e, _ in batch], parents=[t for _, t in batch])
+            except Exception as exc:  # the read publishes them: nothing is lost
+                log.warning(
+                    "relay %s.%s: %d events left to the log's read: %r",
+                    self.store.schema,
+                    self.name,
+                    len(batch) + len(self._handed),
+                    exc,
+                )
+                self._read_behind = True
+                self._handed.clear()
+                self.wake()
+                return
+            now = time.monotonic()
+            while self._ahead and now - next(iter(self._ahead.values())) > AHEAD_MEMORY_SECONDS:
+                del self._ahead[next(iter(self._ahead))]
+            self._ahead.update((e.event_id, now) for e, _ in batch)
+            RELAYED.labels(self.store.schema).inc(len(batch))
 
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
-        await asyncio.gather(*self._publishing_ahead, return_exceptions=True)
+        if self._publishing_ahead is not None:
+            await asyncio.gather(self._publishing_ahead, return_exceptions=True)
 
     async def run(self) -> None:
         """Publish for as long as the service runs; survives Postgres and NATS outages."""
@@ -144,6 +165,7 @@ class Relay:
                     finally:
                         self.leader = False
                         self._ahead.clear()  # the next term reads from the saved cursor
+                        self._read_behind = True
                         await self._save_unsaved()
                         self._cursor = None
                         self._saved_at = -math.inf
@@ -164,6 +186,8 @@ class Relay:
             RELAY_LAG.labels(self.store.schema).set(len(owned))
             if owned:
                 await self.bus.publish_all([s.event for s in owned], parents=[s.trace_context for s in owned])
+            if page.read < self.batch_size:
+                self._read_behind = False
             if self.leader:
                 self._cursor = page.cursor
             now = time.monotonic()

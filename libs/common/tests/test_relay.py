@@ -174,13 +174,24 @@ async def test_a_relay_publishes_only_the_types_its_service_owns(parts):
     assert decode(msg.data) == decided  # passed on as stored, without being parsed
 
 
+def handed(stored):
+    """What a writer hands to ``publish_committed``: the events and their trace contexts."""
+    return [s.event for s in stored], [s.trace_context for s in stored]
+
+
+async def leading(relay):
+    """As while its run() leads: it leads, and its first read caught up."""
+    relay.leader = True
+    await relay.publish_pending()
+
+
 async def test_events_published_as_they_committed_are_passed_by_the_relays_read(parts, monkeypatch):
     pool, store, bus = parts
+    relay = Relay(pool, store, bus)
+    await leading(relay)
     async with pool.acquire() as conn:
         first, second = await store.append(conn, "5511", [inbound("5511", 1), inbound("5511", 2)])
-    relay = Relay(pool, store, bus)
-    relay.leader = True  # as while its run() leads
-    task = relay.publish_committed([first])
+    task = relay.publish_committed(*handed([first]))
     assert task is not None
     await task
     assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1
@@ -198,31 +209,80 @@ async def test_events_published_as_they_committed_are_passed_by_the_relays_read(
     assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 2
 
 
-async def test_an_event_whose_early_publish_failed_is_published_by_the_relays_read(parts, monkeypatch):
+async def test_events_handed_over_while_a_publish_waits_go_out_after_it_in_one_batch(parts, monkeypatch):
+    pool, store, bus = parts
+    relay = Relay(pool, store, bus)
+    await leading(relay)
+    async with pool.acquire() as conn:
+        stored = await store.append(conn, "5511", [inbound("5511", n) for n in range(1, 4)])
+    publish_all = bus.publish_all
+    batches: list[list[str]] = []
+
+    async def slow_first(events, *args, **kwargs):
+        batches.append([e.event_id for e in events])
+        if len(batches) == 1:
+            await asyncio.sleep(0.2)  # JetStream slow to ack the first
+        return await publish_all(events, *args, **kwargs)
+
+    monkeypatch.setattr(bus, "publish_all", slow_first)
+    first = relay.publish_committed(*handed(stored[:1]))
+    await asyncio.sleep(0.05)
+    relay.publish_committed(*handed(stored[1:2]))
+    last = relay.publish_committed(*handed(stored[2:]))
+    assert first is last is not None
+    await last
+    ids = [s.event.event_id for s in stored]
+    assert batches == [ids[:1], ids[1:]]
+    sub = await bus.js.pull_subscribe(f"{bus.root}.events.>", stream=bus.settings.stream_name)
+    in_stream = [decode(m.data).event_id for m in await sub.fetch(3, timeout=2)]
+    assert in_stream == ids  # in the order they committed
+
+
+async def test_after_a_failed_early_publish_the_read_publishes_until_it_caught_up(parts, monkeypatch):
     from orbion_common.bus import BusUnavailable
 
     pool, store, bus = parts
-    async with pool.acquire() as conn:
-        [stored] = await store.append(conn, "5511", [inbound("5511", 1)])
     relay = Relay(pool, store, bus)
-    relay.leader = True
+    await leading(relay)
+    async with pool.acquire() as conn:
+        first, second = await store.append(conn, "5511", [inbound("5511", 1), inbound("5511", 2)])
     publish_all = bus.publish_all
 
     async def unavailable(*args, **kwargs):
         raise BusUnavailable("NATS restarting")
 
     monkeypatch.setattr(bus, "publish_all", unavailable)
-    task = relay.publish_committed([stored])
+    task = relay.publish_committed(*handed([first]))
     assert task is not None
     await task  # logged, not raised
     monkeypatch.setattr(bus, "publish_all", publish_all)
-    assert await relay.publish_pending() == 1
-    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 1
+    # Published early now, the second would overtake the first in the stream.
+    assert relay.publish_committed(*handed([second])) is None
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 0
+    assert await relay.publish_pending() == 2
+    sub = await bus.js.pull_subscribe(f"{bus.root}.events.>", stream=bus.settings.stream_name)
+    assert [decode(m.data).event_id for m in await sub.fetch(2, timeout=2)] == [
+        first.event.event_id,
+        second.event.event_id,
+    ]
+    async with pool.acquire() as conn:
+        [third] = await store.append(conn, "5511", [inbound("5511", 3)])
+    assert relay.publish_committed(*handed([third])) is not None  # caught up: early again
+
+
+async def test_a_relay_publishes_nothing_early_before_its_first_read(parts):
+    pool, store, bus = parts
+    async with pool.acquire() as conn:
+        stored = await store.append(conn, "5511", [inbound("5511", 1)])
+    relay = Relay(pool, store, bus)
+    relay.leader = True  # a new term: the log may hold a backlog the read publishes first
+    assert relay.publish_committed(*handed(stored)) is None
+    assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 0
 
 
 async def test_a_relay_that_does_not_lead_publishes_nothing_early(parts):
     pool, store, bus = parts
     async with pool.acquire() as conn:
         stored = await store.append(conn, "5511", [inbound("5511", 1)])
-    assert Relay(pool, store, bus).publish_committed(stored) is None
+    assert Relay(pool, store, bus).publish_committed(*handed(stored)) is None
     assert (await bus.js.stream_info(bus.settings.stream_name)).state.messages == 0

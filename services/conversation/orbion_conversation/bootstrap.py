@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from redis.asyncio import Redis
 
 from orbion_common.bus import Bus
 from orbion_common.db import create_pool
-from orbion_common.eventstore import EventStore
+from orbion_common.eventstore import EventStore, StoredEvent
 from orbion_common.health import bus_check, postgres_check, redis_check
 from orbion_common.logging import configure_logging
 from orbion_common.migrations import migrate as migrate_schema
@@ -113,11 +114,16 @@ def build(
     if bus is not None:
         relay = Relay(pool, store, bus, name="relay", publish_types={"ReplyRequested"})
     wake_relay = relay.wake if relay is not None else (lambda: None)
+
+    def publish_requests(stored: Sequence[StoredEvent]) -> None:
+        """A request is what the llm-proxy waits for: published as soon as its round committed."""
+        if relay is not None:
+            relay.publish_committed([s.event for s in stored], [s.trace_context for s in stored])
+
     scheduler = ReplyScheduler(
         pool,
         ctx,
-        # A request is what the llm-proxy waits for: published as soon as its round committed.
-        on_emitted=relay.publish_committed if relay is not None else (lambda stored: None),
+        on_emitted=publish_requests,
         poll_seconds=settings.conversation_scheduler_poll_seconds,
     )
     deps = Deps(pool=pool, ctx=ctx, wake_relay=wake_relay, wake_scheduler=scheduler.wake)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -17,7 +18,8 @@ import asyncpg
 from orbion_common.breakers import Breaker
 from orbion_common.bus import Bus
 from orbion_common.db import create_pool
-from orbion_common.eventstore import EventStore
+from orbion_common.events import Envelope
+from orbion_common.eventstore import EventStore, parse_trace_context
 from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.relay import Relay
 from orbion_common.telemetry import background_task, finish_tasks
@@ -61,6 +63,13 @@ def build_deps(
     events = EventStore(schema)
     relay = Relay(pool, events, bus, name="relay") if bus is not None else None
     wake_relay = relay.wake if relay is not None else (lambda: None)
+
+    def publish_committed(appended: Sequence[Envelope], traces: Sequence[str | None]) -> None:
+        """Replies and sends, wanted downstream at once: published as they commit, without a
+        read of the log for each (the relay's read passes them at its next poll)."""
+        if relay is not None:
+            relay.publish_committed(appended, [parse_trace_context(t) for t in traces])
+
     recorder = BreakerRecorder(pool, events, on_appended=wake_relay)
     breakers = {
         "openai": Breaker(
@@ -94,13 +103,8 @@ def build_deps(
     )
     responder = Responder(settings, breakers["openai"], cache=cache, client=openai_client)
     sender = Sender(
-        pool, events, settings, make_provider(settings), breakers["whatsapp"], on_appended=wake_relay
+        pool, events, settings, make_provider(settings), breakers["whatsapp"], on_appended=publish_committed
     )
-
-    def reply_stored(phone: str) -> None:
-        sender.offer(phone)
-        wake_relay()
-
     exporter = None
     if settings.sheets_enabled:
         from .sheets import Exporter
@@ -110,7 +114,8 @@ def build_deps(
         pool,
         events,
         responder,
-        on_reply_stored=reply_stored,
+        on_reply_stored=sender.offer,
+        on_appended=publish_committed,
         on_export_queued=exporter.wake if exporter is not None else (lambda: None),
     )
     return Deps(

@@ -21,7 +21,7 @@ events). Each handler returns, and the bus acks, only after its batch committed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import asyncpg
 
 from orbion_common.bus import ConsumerSpec, Delivery
 from orbion_common.events import (
+    Envelope,
     Event,
     HumanVerificationRequested,
     LeadChanged,
@@ -82,7 +83,9 @@ class Handlers:
     pool: asyncpg.Pool
     events: EventStore
     responder: Responder
-    on_reply_stored: Callable[[str], None] = lambda phone: None  # hand it to the sender, wake the relay
+    on_reply_stored: Callable[[str], None] = lambda phone: None  # hand it to the sender
+    # Events just committed (with the trace context each was stored in), for the relay.
+    on_appended: Callable[[Sequence[Envelope], Sequence[str | None]], None] = lambda events, traces: None
     on_export_queued: Callable[[], None] = lambda: None
     _lookups: GroupCommit[str, bool] = field(init=False, repr=False)
     _writes: GroupCommit[_Store, bool] = field(init=False, repr=False)
@@ -136,8 +139,10 @@ class Handlers:
             previous_reply_key=req.previous_reply_key,
         )
         # The row is the claim: a concurrent twin (another replica) loses here and stores nothing.
-        if not await self._writes.submit(_Store(reply, reply_event, trace_context())):
+        trace = trace_context()
+        if not await self._writes.submit(_Store(reply, reply_event, trace)):
             return
+        self.on_appended([reply_event], [trace])
         log.info(
             "reply generated for %s (%s)",
             mask_phone(req.phone),

@@ -44,7 +44,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -54,7 +54,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from orbion_common.breakers import Breaker, BreakerOpen
 from orbion_common.bus import is_outage
-from orbion_common.events import MessageSent, SendFailed, stable_event_id
+from orbion_common.events import Envelope, MessageSent, SendFailed, stable_event_id
 from orbion_common.events.messaging import MessageSentPayload, SendFailedPayload
 from orbion_common.eventstore import ConcurrencyError, EventStore, trace_context
 from orbion_common.leadership import leadership
@@ -176,7 +176,7 @@ class Sender:
         provider: Provider | None,
         breaker: Breaker,
         *,
-        on_appended: Callable[[], None] = lambda: None,
+        on_appended: Callable[[Sequence[Envelope], Sequence[str | None]], None] = lambda events, traces: None,
         name: str = "sender",
     ) -> None:
         self.pool = pool
@@ -391,9 +391,10 @@ class Sender:
         # The write is the send: the span covers its commit (the batch's statements are not
         # traced), and MessageSent is appended in the span: the relay publishes it in this trace.
         with self._send_span(reply, part_no, "outbox"):
-            await self._commit_sent(self._sent(reply, part_no, provider_id, "outbox", outbox=message))
+            sent = self._sent(reply, part_no, provider_id, "outbox", outbox=message)
+            await self._commit_sent(sent)
         SENT_PARTS.labels("outbox").inc()
-        self.on_appended()
+        self.on_appended([sent.event], [sent.trace])
 
     async def _send_part(self, reply: store.ReplyRow, part_no: int, *, marked: bool = False) -> bool | None:
         """One HTTP send; None when the part went out (continue), else settled/rescheduled.
@@ -433,10 +434,11 @@ class Sender:
         # Recorded under the ended send span: the end-to-end latency stops when WhatsApp
         # accepted the part, and MessageSent (stored with this context) stays in the trace.
         with trace.use_span(span, end_on_exit=False):
-            await self._commit_sent(self._sent(reply, part_no, provider_id, self.via))
+            sent = self._sent(reply, part_no, provider_id, self.via)
+            await self._commit_sent(sent)
         IN_DOUBT_SECONDS.observe(time.perf_counter() - accepted)
         SENT_PARTS.labels(self.via).inc()
-        self.on_appended()
+        self.on_appended([sent.event], [sent.trace])
         return None
 
     def _sent(
@@ -595,6 +597,7 @@ class Sender:
             await store.mark_failed(conn, reply.reply_key, f"{reason}: {detail}")
             await self.events.append(conn, reply.phone, [event])
 
+        stored_in = trace_context()  # the context the append stores with the event
         await self._commit(reply, record)
         SEND_FAILED.labels(reason).inc()
         log.warning(
@@ -603,7 +606,7 @@ class Sender:
             reason,
             extra={"reply_key": reply.reply_key, "code": code},
         )
-        self.on_appended()
+        self.on_appended([event], [stored_in])
 
     async def recover_in_doubt(self) -> int:
         """Replies a stopped process left in ``sending``: settle them without resending."""

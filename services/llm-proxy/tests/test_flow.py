@@ -1,5 +1,6 @@
 """The walking skeleton through real NATS and Postgres: ReplyRequested in, ReplyGenerated and
-MessageSent out through the relay, the reply in the outbox; a redelivered request sends nothing."""
+MessageSent out through the relay as they commit, the reply in the outbox; a redelivered
+request sends nothing."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ async def test_reply_request_over_the_bus_is_answered_once_via_outbox(
 
     sub = await bus.nc.subscribe("orbion.events.*.*", cb=collect)
     deps = build_deps(settings, pool, schema=schema, bus=bus)
+    relay = deps.relay
+    assert relay is not None
+    relay.poll_seconds = 30.0  # only a wake-up would make it read the log during the test
+    log_reads = 0
+    read_log = relay.publish_pending
+
+    async def counted_read() -> int:
+        nonlocal log_reads
+        log_reads += 1
+        return await read_log()
+
+    relay.publish_pending = counted_read  # type: ignore[method-assign]
     tasks = start_workers(deps, consumer_prefix=f"test-llmp-{tag}", deliver_new_only=True)
     try:
 
@@ -52,6 +65,12 @@ async def test_reply_request_over_the_bus_is_answered_once_via_outbox(
                 return False
 
         assert await _wait_for(consumer_ready)  # deliver_new_only: publish after it exists
+
+        async def relay_caught_up() -> bool:  # leading, and its term's first read done
+            return relay.leader and log_reads > 0
+
+        assert await _wait_for(relay_caught_up)
+        reads_before = log_reads
         req = reply_requested(phone, "Olá, quanto custa?")
         await bus.publish(req)
         # The same request again, as a redelivery would bring it (another Nats-Msg-Id).
@@ -62,6 +81,7 @@ async def test_reply_request_over_the_bus_is_answered_once_via_outbox(
             return "ReplyGenerated" in types and "MessageSent" in types
 
         assert await _wait_for(relayed)
+        assert log_reads == reads_before  # published as they committed, not by reading the log
         await asyncio.sleep(0.3)  # give a wrongful second send the time to show up
         generated = [e for e in seen if isinstance(e, ReplyGenerated)]
         sent = [e for e in seen if isinstance(e, MessageSent)]
