@@ -193,6 +193,7 @@ class Sender:
             settings.whatsapp_rate_per_second,
         )
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._offered: set[str] = set()  # contacts handed a new reply while their drain ran
         self._limit = asyncio.Semaphore(max(1, settings.sender_concurrency))
         self._in_flight: set[str] = set()  # reply keys between "sending" and their result
         self._heads: GroupCommit[str, store.ReplyRow | None] = GroupCommit(
@@ -218,11 +219,13 @@ class Sender:
     def offer(self, phone: str) -> None:
         """A reply to ``phone`` was just stored: while dispatching, its contact's drain starts now,
         without the read of every contact's due head that a wake-up costs (the drain reads its
-        own head). A drain already running may be past its last read: then a wake-up."""
-        if self._dispatching and phone not in self._active:
-            self._start_drain(phone)
-        else:
+        own head). A drain already running reads its contact's head again before it ends."""
+        if not self._dispatching:
             self.wake()
+        elif phone in self._active:
+            self._offered.add(phone)
+        else:
+            self._start_drain(phone)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -285,8 +288,11 @@ class Sender:
     def _hold(self) -> float:
         return self.settings.sender_order_hold_seconds
 
-    def _forget(self, phone: str, _task: asyncio.Task[None]) -> None:
-        self._active.pop(phone, None)
+    def _forget(self, phone: str, task: asyncio.Task[None]) -> None:
+        """The drain ``task`` of ``phone`` ended (or was cancelled before it ran)."""
+        if self._active.get(phone) is task:
+            del self._active[phone]
+            self._offered.discard(phone)
 
     async def drain(self) -> None:
         """Send everything due now and wait for it (tests, benchmarks, shutdown)."""
@@ -294,29 +300,51 @@ class Sender:
         await self._finish_active()
 
     async def _drain_contact(self, phone: str) -> None:
-        async with self._limit:
-            try:
-                while not self._stopping.is_set():
-                    head = await self._head(phone)
-                    if head is not None and head.claimed:
-                        if not await self.send_reply(head):
-                            return
-                        continue
-                    if head is None or head.held or head.next_attempt_at.timestamp() > time.time() + 0.001:
+        """Send the contact's due replies in order. After a reply went out, its head is read
+        again only if the last read found more unsent replies, or another was offered since."""
+        try:
+            async with self._limit:
+                await self._drain_in_order(phone)
+        finally:
+            # Without a wait since the last check of _offered: an offer either came before it, or
+            # finds this contact inactive and starts a drain of its own.
+            task = asyncio.current_task()
+            assert task is not None
+            self._forget(phone, task)
+
+    async def _drain_in_order(self, phone: str) -> None:
+        def more(sent: store.ReplyRow) -> bool:
+            return sent.unsent > 1 or phone in self._offered
+
+        try:
+            while not self._stopping.is_set():
+                self._offered.discard(phone)
+                head = await self._head(phone)
+                if head is None:
+                    if phone in self._offered:
+                        continue  # stored while the read ran
+                    return
+                if head.claimed:
+                    if not await self.send_reply(head) or not more(head):
                         return
-                    if head.reply_key in self._in_flight:
-                        return  # our own send, still committing its result
-                    if head.state == store.SENDING:
-                        # Only this task sends to this contact: a "sending" head is an attempt
-                        # that died with an unexpected error during the call. Not resent.
-                        await self._settle_in_doubt(head)
-                        continue
-                    if not await self.send_reply(head):
-                        return  # rescheduled: the poll loop comes back when it is due
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sending to %s failed unexpectedly", mask_phone(phone))
+                    continue
+                if head.held or head.next_attempt_at.timestamp() > time.time() + 0.001:
+                    return
+                if head.reply_key in self._in_flight:
+                    return  # our own send, still committing its result
+                if head.state == store.SENDING:
+                    # Only this task sends to this contact: a "sending" head is an attempt
+                    # that died with an unexpected error during the call. Not resent.
+                    await self._settle_in_doubt(head)
+                    continue
+                if not await self.send_reply(head):
+                    return  # rescheduled: the poll loop comes back when it is due
+                if not more(head):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sending to %s failed unexpectedly", mask_phone(phone))
 
     async def _head(self, phone: str) -> store.ReplyRow | None:
         """The contact's first unsent reply. When its send could start at once (a provider, the

@@ -51,6 +51,7 @@ class ReplyRow:
     previous_reply_key: str = ""  # the contact's previous request ("" unknown)
     held: bool = False  # head waiting for its previous request to be stored (due_heads, heads_of)
     claimed: bool = False  # head marked 'sending' by the statement that read it (claim_heads)
+    unsent: int = 1  # the contact's unsent replies, this head included, when a heads read ran
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> ReplyRow:
@@ -184,9 +185,10 @@ _HELD = """(r.previous_reply_key <> '' AND r.state = 'pending' AND r.parts_sent 
 
 
 def _heads(where: str = "") -> str:
-    """Each contact's first unsent reply (among the rows ``where`` keeps), with ``held``; ``$2``
-    is the hold in seconds."""
-    return f"""SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held FROM replies r
+    """Each contact's first unsent reply (among the rows ``where`` keeps), with ``held`` and the
+    contact's count of ``unsent`` replies; ``$2`` is the hold in seconds."""
+    return f"""SELECT DISTINCT ON (phone) r.*, {_HELD.format(hold="$2")} AS held,
+                      count(*) OVER (PARTITION BY phone) AS unsent FROM replies r
                WHERE {where}state IN ('pending', 'sending') ORDER BY phone, {_HEAD_ORDER}"""
 
 

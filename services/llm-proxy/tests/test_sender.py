@@ -4,6 +4,8 @@ backoff, terminal errors, an outage behind the breaker, and the crash window."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -151,19 +153,37 @@ async def test_outage_keeps_replies_pending_then_delivers_each_once_in_order(
         assert len(texts) == 3
 
 
+@contextlib.asynccontextmanager
+async def leading_sender(deps: Deps) -> AsyncIterator[None]:
+    """The sender's loop running and leading, past its term's first look at every due head."""
+    worker = asyncio.create_task(deps.sender.run())
+    try:
+        for _ in range(100):
+            if deps.sender.leader:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        yield
+    finally:
+        await deps.sender.stop()
+        await worker
+
+
+async def _sent_to(fake: FakeWhatsApp, phone: str, count: int) -> list[dict[str, Any]]:
+    for _ in range(100):
+        if len([r for r in fake.sent if r["to"] == phone]) >= count:
+            break
+        await asyncio.sleep(0.02)
+    return [r for r in fake.sent if r["to"] == phone]
+
+
 async def test_a_reply_stored_while_the_sender_leads_goes_out_without_a_look_at_every_contact(
     pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str, monkeypatch: Any
 ) -> None:
     fake = FakeWhatsApp()
     async with fake as base_url:
         deps = build_deps(cloud_settings(urls, tag, base_url, sender_poll_seconds=30.0), pool, schema=schema)
-        worker = asyncio.create_task(deps.sender.run())
-        try:
-            for _ in range(100):
-                if deps.sender.leader:
-                    break
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.1)  # past the term's first look at every contact's due head
+        async with leading_sender(deps):
             looks = 0
             due_heads = store.due_heads
 
@@ -176,16 +196,49 @@ async def test_a_reply_stored_while_the_sender_leads_goes_out_without_a_look_at_
             phone = new_phone()
             req = reply_requested(phone)
             await deps.handlers.answer_reply_request(req)
-            for _ in range(100):
-                if fake.sent:
-                    break
-                await asyncio.sleep(0.02)
-        finally:
-            await deps.sender.stop()
-            await worker
+            await _sent_to(fake, phone, 1)
     [record] = fake.sent
     assert record["to"] == phone and record["context_message_id"] == req.payload.reply_to_message_id
     assert looks == 0  # handed over by the consumer, not found by a read of all due heads
+
+
+async def test_a_contacts_replies_go_out_in_order_with_one_read_of_its_head_each(
+    pool: asyncpg.Pool, schema: str, urls: dict[str, str], tag: str, monkeypatch: Any
+) -> None:
+    """A drain reads its contact's head again after a send only when there is more to send: a
+    reply queued behind it, or one stored meanwhile (handed to the running drain, not left to
+    the next poll)."""
+    fake = FakeWhatsApp()
+    async with fake as base_url:
+        deps = build_deps(cloud_settings(urls, tag, base_url, sender_poll_seconds=30.0), pool, schema=schema)
+        assert deps.sender.provider is not None
+        phone = new_phone()
+        first = reply_requested(phone, "primeira")
+        second = reply_requested(phone, "segunda", previous_reply_key=first.payload.reply_key)
+        head_reads = 0
+        claim_heads, send_text = store.claim_heads, deps.sender.provider.send_text
+
+        async def counted(*args: Any, **kwargs: Any) -> dict[str, store.ReplyRow]:
+            nonlocal head_reads
+            head_reads += 1
+            return await claim_heads(*args, **kwargs)
+
+        async def second_stored_during_the_first_send(to: str, text: str, reply_to: str) -> str:
+            if reply_to == first.payload.reply_to_message_id:
+                await deps.handlers.answer_reply_request(second)
+            return await send_text(to, text, reply_to)
+
+        monkeypatch.setattr(store, "claim_heads", counted)
+        monkeypatch.setattr(deps.sender.provider, "send_text", second_stored_during_the_first_send)
+        async with leading_sender(deps):
+            await deps.handlers.answer_reply_request(first)
+            sent = await _sent_to(fake, phone, 2)
+            await asyncio.sleep(0.1)  # a needless third read would show up by now
+    assert [r["context_message_id"] for r in sent] == [
+        first.payload.reply_to_message_id,
+        second.payload.reply_to_message_id,
+    ]
+    assert head_reads == 2
 
 
 async def test_a_due_reply_is_marked_sending_by_the_read_that_finds_it_before_the_call(
