@@ -140,10 +140,12 @@ class Relay:
             RELAYED.labels(self.store.schema).inc(len(batch))
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
+        """Call once nothing hands events over any more: those handed over go out first, so
+        that the last read passes them instead of publishing them a second time."""
         if self._publishing_ahead is not None:
             await asyncio.gather(self._publishing_ahead, return_exceptions=True)
+        self._stopping.set()
+        self._wake.set()
 
     async def run(self) -> None:
         """Publish for as long as the service runs; survives Postgres and NATS outages."""
