@@ -270,8 +270,8 @@ class EventStore:
         unstored_only: bool = False,
     ) -> tuple[str, list[object]]:
         """An INSERT that appends each event after its stream's last version (events of one
-        stream in the order given), read in the same statement, ``RETURNING event_id, position``,
-        and its arguments, numbered from ``$first``: for a batch writer that needs the versions
+        stream in the order given), read in the same statement, ``RETURNING event_id, position,
+        version``, and its arguments, numbered from ``$first``: for a batch writer that needs the versions
         for nothing else (a round trip less than :meth:`versions_and_stored` first), and that may
         store its own rows in the same statement, the INSERT as one of its data-modifying CTEs.
         Run it with :meth:`fetch_appending`: a version another writer takes meanwhile, or an
@@ -295,7 +295,7 @@ class EventStore:
                  WITH ORDINALITY AS e(event_id, stream_id, type, occurred_at, body, trace, n)
             {f"WHERE {' AND '.join(conditions)}" if conditions else ""}
             ORDER BY e.n
-            RETURNING event_id, position"""
+            RETURNING event_id, position, version"""
         return sql, list(_columns(events, trace_contexts))
 
     async def fetch_appending(

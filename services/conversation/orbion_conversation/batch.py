@@ -11,14 +11,14 @@ split by contact across connections).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from orbion_common.events import MessageReceived, MessageSent, MessageStatusChanged
+from orbion_common.events import Event, MessageReceived, MessageSent, MessageStatusChanged
 from orbion_common.eventstore import StoredEvent
 
 from .domain import ContactSummary, MessageItem
@@ -70,12 +70,11 @@ class _Row:
         )  # fmt: skip
 
 
-def _referenced(events: Sequence[StoredEvent]) -> tuple[list[str], list[str]]:
+def _referenced(events: Sequence[Event]) -> tuple[list[str], list[str]]:
     """Message keys / provider ids and phones the batch refers to."""
     ids: set[str] = set()
     phones: set[str] = set()
-    for stored in events:
-        event = stored.event
+    for event in events:
         phones.add(event.stream_id)
         if isinstance(event, MessageReceived | MessageStatusChanged | MessageSent):
             ids.add(event.payload.provider_message_id)
@@ -105,23 +104,31 @@ class BatchProjection(Projection):
         """Read the rows the events refer to, in one statement: the parts of our replies by
         their provider ids, the messages by key (theirs included) or provider id, the statuses
         that came before their message, and the contacts."""
+        ctes, columns, args = self.load_query([s.event for s in events])
+        self.loaded(await conn.fetchrow(f"WITH {ctes} SELECT {columns}", *args))
+
+    def load_query(self, events: Sequence[Event], *, first: int = 1) -> tuple[str, str, list[object]]:
+        """:meth:`load`'s read as parts of a statement: its CTEs, its select list and their
+        arguments, numbered from ``$first``; for a caller that writes in the same statement
+        (the group commit appends the events). :meth:`loaded` takes the row it returns."""
         ids, phones = _referenced(events)
         m, p, e, c = self.messages, self.parts, self.early, self.contacts
-        found = await conn.fetchrow(
-            # Anonymous records: a table's own row type would change with the rebuild's copies.
-            f"""WITH parts AS (
-                SELECT provider_message_id, message_key FROM {p} WHERE provider_message_id = ANY($1::text[])
-            )
-            SELECT ARRAY(SELECT ROW(provider_message_id, message_key) FROM parts) AS parts,
+        i, k = f"${first}::text[]", f"${first + 1}::text[]"
+        ctes = f"""parts AS (
+                SELECT provider_message_id, message_key FROM {p} WHERE provider_message_id = ANY({i})
+            )"""
+        # Anonymous records: a table's own row type would change with the rebuild's copies.
+        columns = f"""ARRAY(SELECT ROW(provider_message_id, message_key) FROM parts) AS parts,
                    ARRAY(SELECT ROW({_ROW_COLUMNS}) FROM {m}
-                         WHERE message_key = ANY($1::text[] || ARRAY(SELECT message_key FROM parts))
-                            OR provider_message_id = ANY($1::text[])) AS messages,
+                         WHERE message_key = ANY({i} || ARRAY(SELECT message_key FROM parts))
+                            OR provider_message_id = ANY({i})) AS messages,
                    ARRAY(SELECT ROW(provider_message_id, status, status_at, error) FROM {e}
-                         WHERE provider_message_id = ANY($1::text[])) AS early,
-                   ARRAY(SELECT ROW({CONTACT_COLUMNS}) FROM {c} WHERE phone = ANY($2::text[])) AS contacts""",
-            ids,
-            phones,
-        )
+                         WHERE provider_message_id = ANY({i})) AS early,
+                   ARRAY(SELECT ROW({CONTACT_COLUMNS}) FROM {c} WHERE phone = ANY({k})) AS contacts"""
+        return ctes, columns, [ids, phones]
+
+    def loaded(self, found: Mapping[str, Any]) -> None:
+        """Keep the rows of a :meth:`load_query` read."""
         self.part_keys.update(found["parts"])
         for values in found["messages"]:
             row = _Row(*values)

@@ -28,6 +28,7 @@ import contextvars
 import logging
 from dataclasses import dataclass, field
 
+import asyncpg
 from prometheus_client import Counter, Histogram
 
 from orbion_common.bus import Delivery
@@ -121,9 +122,6 @@ class GroupCommit:
 
     async def _run(self, group: list[_Work]) -> None:
         GROUP_SIZE.observe(len(group))
-        if len(group) == 1:
-            await self._each_alone(group)
-            return
         try:
             recorded = await self._transact(group)
         except Exception as exc:
@@ -163,33 +161,23 @@ class GroupCommit:
         deps, ctx = self.deps, self.deps.ctx
         outcomes = {id(w): "duplicate" for w in group}
         decisions: dict[int, InboundDecision] = {}
+        phones = [w.event.stream_id for w in group]
         async with deps.pool.acquire() as conn, conn.transaction():
             # Lock order (replies.py): the pending rows first, then the streams. Of every
             # contact, not only those with an inbound message: the scheduler appends to the
             # streams whose rows it holds, and waiting for them here means never racing it.
-            pending = await store.lock_pending_many(conn, [w.event.stream_id for w in group])
-            # Known: already in our log (a redelivery, or a provider retry days later).
-            versions, known = await ctx.store.versions_and_stored(
-                conn, [w.event.stream_id for w in group], [w.event.event_id for w in group]
-            )
+            pending = await store.lock_pending_many(conn, phones)
             # By stream: the order the scheduler appends in too, so their row locks never deadlock.
-            new = sorted((w for w in group if w.event.event_id not in known), key=lambda w: w.event.stream_id)
-            at = [versions[w.event.stream_id] + 1 for w in new]
-            # At the versions read above: a replica that appended to one of the streams
-            # meanwhile makes this raise ConcurrencyError, and the group is redone event by event.
-            positions = await ctx.store.append_at_versions(
-                conn,
-                [(w.event, v) for w, v in zip(new, at, strict=True)],
-                [w.context.run(trace_context) for w in new],
-                savepoint=False,  # a conflict ends this transaction: the events are redone alone
-            )
+            ordered = sorted(group, key=lambda w: w.event.stream_id)
             projection = BatchProjection(ctx.projection.suffix)
-            stored = [StoredEvent(p, v, w.event) for w, v, p in zip(new, at, positions, strict=True)]
-            await projection.load(conn, stored)
+            stored = await self._append_and_load(conn, ordered, projection)
+            new = [w for w in ordered if w.event.event_id in stored]
             contacts: dict[str, ContactSummary] = {}
             now = utcnow()
-            for work, s in zip(new, stored, strict=True):
-                applied = await projector.apply(conn, projection, s, ctx.opt_in_rule, contacts)
+            for work in new:
+                applied = await projector.apply(
+                    conn, projection, stored[work.event.event_id], ctx.opt_in_rule, contacts
+                )
                 outcomes[id(work)] = "projected"
                 if isinstance(work.event, MessageReceived):
                     decision = replies.decide_inbound(
@@ -197,17 +185,48 @@ class GroupCommit:
                     )
                     decisions[id(work)] = decision
                     outcomes[id(work)] = decision.outcome
-            await projection.flush(conn, contacts)
+            asks = [(w, decisions[id(w)].ask) for w in new if id(w) in decisions and decisions[id(w)].ask]
+            # A quiet-period-0 request reads the contact: saved before it, as the projection.
+            await projection.flush(conn, contacts if asks else {})
             await store.delete_pending_many(
                 conn, [w.event.stream_id for w in new if id(w) in decisions and decisions[id(w)].delete]
             )
             await store.save_pending_many(conn, [d.save for d in decisions.values() if d.save is not None])
-            for work in new:  # quiet period 0: the request in this transaction, in the event's trace
-                ids = decisions[id(work)].ask if id(work) in decisions else ()
-                if ids:
-                    assert isinstance(work.event, MessageReceived)
-                    ask = replies.ask(conn, ctx, work.event, ids)
-                    outcomes[id(work)] = await asyncio.create_task(ask, context=work.context)
-            phones = [w.event.stream_id for w in group]
-            snapshots = await ctx.projection.history_snapshots(conn, phones, ctx.history.size)
+            for work, ids in asks:  # quiet period 0: the request in this transaction, in the event's trace
+                assert isinstance(work.event, MessageReceived)
+                ask = replies.ask(conn, ctx, work.event, ids)
+                outcomes[id(work)] = await asyncio.create_task(ask, context=work.context)
+            if asks:
+                snapshots = await ctx.projection.history_snapshots(conn, phones, ctx.history.size)
+            else:
+                snapshots = await ctx.projection.save_contacts_and_snapshots(
+                    conn, list(contacts.values()), phones, ctx.history.size
+                )
         return _Recorded(outcomes, decisions, snapshots)
+
+    async def _append_and_load(
+        self, conn: asyncpg.Connection, group: list[_Work], projection: BatchProjection
+    ) -> dict[str, StoredEvent]:
+        """Append the group's events not in our log yet (a redelivery, or a provider retry days
+        later, is), each at its stream's next version, and read the projection rows they refer
+        to, in one statement; returns the events appended, by id. A replica that appended to one
+        of the streams meanwhile makes this raise ConcurrencyError, and the group is redone
+        event by event."""
+        events = self.deps.ctx.store
+        insert, insert_args = events.insert_next(
+            [w.event for w in group], [w.context.run(trace_context) for w in group], unstored_only=True
+        )
+        ctes, columns, load_args = projection.load_query([w.event for w in group], first=len(insert_args) + 1)
+        [row] = await events.fetch_appending(
+            conn,
+            f"""WITH appended AS ({insert}), {ctes}
+                SELECT ARRAY(SELECT ROW(event_id, position, version) FROM appended) AS appended, {columns}""",
+            [*insert_args, *load_args],
+            savepoint=False,  # a conflict ends this transaction: the events are redone alone
+        )
+        projection.loaded(row)
+        by_id = {w.event.event_id: w.event for w in group}
+        return {
+            event_id: StoredEvent(position, version, by_id[event_id])
+            for event_id, position, version in row["appended"]
+        }

@@ -227,13 +227,23 @@ class Projection:
                 ORDER BY created_at DESC, position DESC LIMIT $2
             ) r ON true
             WHERE c.phone = $1"""
-        self._snapshots = f"""
-            SELECT c.phone, c.version, r.* FROM {c} c
-            LEFT JOIN LATERAL (
+        latest = f"""LEFT JOIN LATERAL (
                 SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE phone = c.phone
                 ORDER BY created_at DESC, position DESC LIMIT $2
-            ) r ON true
-            WHERE c.phone = ANY($1::text[])"""
+            ) r ON true"""
+        self._snapshots = f"""
+            SELECT c.phone, c.version, r.* FROM {c} c {latest} WHERE c.phone = ANY($1::text[])"""
+        # The saved contacts' versions as written (the statement's snapshot predates them), the
+        # others' as found; the messages written by the transaction's earlier statements.
+        self._save_contacts_and_snapshots = f"""
+            WITH saved AS ({self._save_contact} RETURNING phone, version),
+            c AS (
+                SELECT phone, version FROM saved
+                UNION ALL
+                SELECT phone, version FROM {c}
+                WHERE phone = ANY($3::text[]) AND phone NOT IN (SELECT phone FROM saved)
+            )
+            SELECT c.phone, c.version, r.* FROM c {latest}"""
         self._by_keys = f"""
             SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE message_key = ANY($1::text[])
             ORDER BY created_at, position"""
@@ -358,12 +368,19 @@ class Projection:
         self, conn: asyncpg.Connection, phones: Sequence[str], limit: int
     ) -> dict[str, tuple[int, list[MessageItem]]]:
         """:meth:`history_snapshot` of several contacts in one statement (unknown phones left out)."""
-        found: dict[str, tuple[int, list[MessageItem]]] = {}
-        for r in await conn.fetch(self._snapshots, list(phones), limit):
-            _, items = found.setdefault(r["phone"], (r["version"], []))
-            if r["message_key"] is not None:
-                items.append(message_item(r))
-        return found
+        return _snapshots(await conn.fetch(self._snapshots, list(phones), limit))
+
+    async def save_contacts_and_snapshots(
+        self, conn: asyncpg.Connection, summaries: Sequence[ContactSummary], phones: Sequence[str], limit: int
+    ) -> dict[str, tuple[int, list[MessageItem]]]:
+        """:meth:`save_contacts`, then :meth:`history_snapshots` of ``phones``, in one statement."""
+        rows = await conn.fetch(
+            self._save_contacts_and_snapshots,
+            json_rows(CONTACT_NAMES, map(_contact_row, summaries)),
+            limit,
+            list(phones),
+        )
+        return _snapshots(rows)
 
     async def messages_by_keys(self, conn: asyncpg.Connection, keys: Sequence[str]) -> list[MessageItem]:
         """Oldest first."""
@@ -396,6 +413,16 @@ class Projection:
         far = datetime.max.replace(tzinfo=UTC)  # in another offset it may not exist in UTC
         at, phone = before if before is not None else (far, "\uffff")
         return [contact_summary(r) for r in await conn.fetch(self._contacts_page, since, at, phone, limit)]
+
+
+def _snapshots(rows: Sequence[asyncpg.Record]) -> dict[str, tuple[int, list[MessageItem]]]:
+    """History snapshots by phone from rows of (phone, version, message columns or NULLs)."""
+    found: dict[str, tuple[int, list[MessageItem]]] = {}
+    for r in rows:
+        _, items = found.setdefault(r["phone"], (r["version"], []))
+        if r["message_key"] is not None:
+            items.append(message_item(r))
+    return found
 
 
 # -- pending replies (a work queue, not a projection) ----------------------------------------
