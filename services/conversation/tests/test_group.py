@@ -194,3 +194,25 @@ async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts
     await asyncio.wait_for(recording, 5)
     stream = (await streams(deps, [phone]))[phone]
     assert [s.event.type for s in stream] == ["MessageReceived", "ReplyGenerated"]
+
+
+async def test_the_history_cached_after_a_group_is_at_each_contacts_version(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """The group saves its contacts and reads their history in one statement: a contact it
+    wrote is cached at the version written, one with only a redelivery at the version stored."""
+    deps = make_deps(pool, schema, redis, quiet=1.5)
+    known, fresh = new_phone(), new_phone()
+    group = GroupCommit(deps)
+    known_events = conversation(known, 3)
+    for event in known_events:
+        await group.record(event)
+    await deps.ctx.history.cache.delete(known)  # the redelivery writes it again
+    outcomes = await like_the_bus(group, [[known_events[0]], conversation(fresh, 2)])
+    assert outcomes == [["duplicate"], ["scheduled", "scheduled"]]
+    for phone, texts in ((known, ["Olá!", "Quanto custa?", "Oi"]), (fresh, ["Quanto custa?", "Oi"])):
+        cached = await deps.ctx.history.cache.peek(phone)
+        contact = await deps.ctx.projection.load_contact(pool, phone)
+        assert cached is not None and contact is not None
+        assert cached.version == contact.version == len(texts)
+        assert [m.text for m in cached.value] == texts
