@@ -1,6 +1,6 @@
 """JetStream handler of the conversation service, one event at a time: append, project,
 decide, ack. ``group.GroupCommit`` records a bus batch's events together and falls back to this
-path for a group of one, or for each event of a group that failed.
+path for each event of a group that failed.
 
 One durable consumer receives the message events (gateway, llm-proxy) and the lead
 service's events that hold or stop replies (opt-out/in, block, hand-off, human

@@ -3,24 +3,25 @@
 The bus runs a batch's events concurrently, one contact's one after the other. Each handler
 call hands its event to :class:`GroupCommit` and waits; the events gathered meanwhile (oldest
 first, at most one per contact, so a contact's order holds) are recorded in ONE transaction
-of a few set-based statements, whatever their number, instead of ~8 round trips each: lock
-the pending rows of their contacts (phone order: two groups never deadlock), read every stream
-version and which events are stored already, append them all at the next versions, project
-them with ``BatchProjection`` (the rebuild's in-memory projector, tested to match the live
-SQL), decide the replies, upsert and delete the pending rows, read every history snapshot.
-After the commit: the cache writes in one pipeline, then each call returns, so the bus acks
-each event only after the commit. A crash at any line before the commit leaves nothing (every event is
-redelivered); after it, the redeliveries are in our log already and change nothing.
+of a few set-based statements, whatever their number (a single event too): one statement
+locks the pending rows of their contacts (phone order: two groups never deadlock), appends
+the events not stored yet at their streams' next versions and reads the projection rows they
+refer to; they are projected with ``BatchProjection`` (the rebuild's in-memory projector,
+tested to match the live SQL) and the replies decided; then the messages are written, the
+pending rows upserted or deleted, and one statement saves the contacts and reads every history
+snapshot. After the commit: the cache writes in one pipeline, then each call returns, so the
+bus acks each event only after the commit. A crash at any line before the commit leaves
+nothing (every event is redelivered); after it, the redeliveries are in our log already and
+change nothing.
 
-A group of one, or a group that failed (another replica appended to one of its streams, a
-bad event, a Postgres error), goes through the one-event path (``consumers.record_event``),
+A group that failed (another replica, or a scheduler round, appended to one of its streams; a
+bad event; a Postgres error) goes through the one-event path (``consumers.record_event``),
 each event alone: one bad event only fails itself, and the bus naks it.
 
 Each event keeps its trace: its append stores the trace context of its own handler call, and
 the work done for it alone (a quiet-period-0 ReplyRequested, the one-event path) runs in that
 call's context. The group's shared statements are traced under the call that opened the group.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -40,6 +41,7 @@ from .batch import BatchProjection
 from .consumers import CONSUMED_TYPES, Deps
 from .domain import ContactSummary, MessageItem
 from .replies import InboundDecision
+from .store import PendingRow
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +165,10 @@ class GroupCommit:
         decisions: dict[int, InboundDecision] = {}
         phones = [w.event.stream_id for w in group]
         async with deps.pool.acquire() as conn, conn.transaction():
-            # Lock order (replies.py): the pending rows first, then the streams. Of every
-            # contact, not only those with an inbound message: the scheduler appends to the
-            # streams whose rows it holds, and waiting for them here means never racing it.
-            pending = await store.lock_pending_many(conn, phones)
             # By stream: the order the scheduler appends in too, so their row locks never deadlock.
             ordered = sorted(group, key=lambda w: w.event.stream_id)
             projection = BatchProjection(ctx.projection.suffix)
-            stored = await self._append_and_load(conn, ordered, projection)
+            pending, stored = await self._lock_append_and_load(conn, ordered, projection)
             new = [w for w in ordered if w.event.event_id in stored]
             contacts: dict[str, ContactSummary] = {}
             now = utcnow()
@@ -204,29 +202,45 @@ class GroupCommit:
                 )
         return _Recorded(outcomes, decisions, snapshots)
 
-    async def _append_and_load(
+    async def _lock_append_and_load(
         self, conn: asyncpg.Connection, group: list[_Work], projection: BatchProjection
-    ) -> dict[str, StoredEvent]:
-        """Append the group's events not in our log yet (a redelivery, or a provider retry days
-        later, is), each at its stream's next version, and read the projection rows they refer
-        to, in one statement; returns the events appended, by id. A replica that appended to one
-        of the streams meanwhile makes this raise ConcurrencyError, and the group is redone
-        event by event."""
+    ) -> tuple[dict[str, PendingRow], dict[str, StoredEvent]]:
+        """One statement: lock the contacts' pending rows; append the group's events not in our
+        log yet (a redelivery, or a provider retry days later, is), each at its stream's next
+        version; and read the projection rows they refer to. Returns the pending rows by phone
+        and the events appended by id.
+
+        Lock order (replies.py): the pending rows first, then the streams. Of every contact,
+        not only those with an inbound message: the scheduler appends to the streams whose rows
+        it holds, and waiting for them here means never racing it. A wait for a row reads the
+        versions and rows as they were before it: if the round held the row appended to the
+        stream meanwhile, the insert conflicts (ConcurrencyError), and the group is redone event
+        by event, as when another replica appended to one of the streams."""
         events = self.deps.ctx.store
+        lock, lock_args = store.lock_pending_query([w.event.stream_id for w in group])
         insert, insert_args = events.insert_next(
-            [w.event for w in group], [w.context.run(trace_context) for w in group], unstored_only=True
+            [w.event for w in group],
+            [w.context.run(trace_context) for w in group],
+            first=len(lock_args) + 1,
+            unstored_only=True,
+            after_locking="locked",
         )
-        ctes, columns, load_args = projection.load_query([w.event for w in group], first=len(insert_args) + 1)
+        ctes, columns, load_args = projection.load_query(
+            [w.event for w in group], first=len(lock_args) + len(insert_args) + 1
+        )
         [row] = await events.fetch_appending(
             conn,
-            f"""WITH appended AS ({insert}), {ctes}
-                SELECT ARRAY(SELECT ROW(event_id, position, version) FROM appended) AS appended, {columns}""",
-            [*insert_args, *load_args],
+            f"""WITH locked AS ({lock}), appended AS ({insert}), {ctes}
+                SELECT ARRAY(SELECT ROW({store.PENDING_COLUMNS}) FROM locked) AS pending,
+                       ARRAY(SELECT ROW(event_id, position, version) FROM appended) AS appended,
+                       {columns}""",
+            [*lock_args, *insert_args, *load_args],
             savepoint=False,  # a conflict ends this transaction: the events are redone alone
         )
         projection.loaded(row)
         by_id = {w.event.event_id: w.event for w in group}
-        return {
+        stored = {
             event_id: StoredEvent(position, version, by_id[event_id])
             for event_id, position, version in row["appended"]
         }
+        return store.pending_of_records(row["pending"]), stored

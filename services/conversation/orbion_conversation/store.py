@@ -427,8 +427,8 @@ def _snapshots(rows: Sequence[asyncpg.Record]) -> dict[str, tuple[int, list[Mess
 
 # -- pending replies (a work queue, not a projection) ----------------------------------------
 
-_PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id"
-_PENDING_NAMES = column_names(_PENDING_COLUMNS)
+PENDING_COLUMNS = "phone, inbound_ids, due_at, correlation_id, causation_id"
+_PENDING_NAMES = column_names(PENDING_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -452,7 +452,7 @@ class DueBurst(PendingRow):
     burst: tuple[MessageItem, ...]
 
 
-def _pending(row: asyncpg.Record) -> PendingRow:
+def _pending(row: Mapping[str, Any]) -> PendingRow:
     return PendingRow(_reply(row), row["correlation_id"], row["causation_id"])
 
 
@@ -469,27 +469,31 @@ def _due(row: asyncpg.Record) -> DueBurst:
     )
 
 
-def _reply(row: asyncpg.Record) -> PendingReply:
+def _reply(row: Mapping[str, Any]) -> PendingReply:
     return PendingReply(phone=row["phone"], inbound_ids=tuple(row["inbound_ids"]), due_at=row["due_at"])
 
 
 async def load_pending(conn: asyncpg.Connection, phone: str) -> PendingRow | None:
     """The contact's waiting reply, locked until the transaction ends."""
     row = await conn.fetchrow(
-        f"SELECT {_PENDING_COLUMNS} FROM pending_replies WHERE phone = $1 FOR UPDATE", phone
+        f"SELECT {PENDING_COLUMNS} FROM pending_replies WHERE phone = $1 FOR UPDATE", phone
     )
     return _pending(row) if row else None
 
 
-async def lock_pending_many(conn: asyncpg.Connection, phones: Sequence[str]) -> dict[str, PendingRow]:
-    """:func:`load_pending` for several contacts; rows are locked in phone order, the order every
-    batch takes them in, so two batches never deadlock on them."""
-    rows = await conn.fetch(
-        f"""SELECT {_PENDING_COLUMNS} FROM pending_replies WHERE phone = ANY($1::text[])
-            ORDER BY phone FOR UPDATE""",
-        sorted(phones),
-    )
-    return {r["phone"]: _pending(r) for r in rows}
+def lock_pending_query(phones: Sequence[str], *, first: int = 1) -> tuple[str, list[object]]:
+    """A SELECT that locks contacts' pending rows in phone order, the order every batch takes
+    them in, so two batches never deadlock on them; and its argument, numbered ``$first``. For
+    a caller that locks them in a statement of its own: :func:`pending_of_records` reads its
+    rows taken as anonymous ``ROW(PENDING_COLUMNS)`` records."""
+    sql = f"""SELECT {PENDING_COLUMNS} FROM pending_replies WHERE phone = ANY(${first}::text[])
+              ORDER BY phone FOR UPDATE"""
+    return sql, [sorted(phones)]
+
+
+def pending_of_records(records: Sequence[Sequence[Any]]) -> dict[str, PendingRow]:
+    """Pending rows read as records of :func:`lock_pending_query`'s columns, by phone."""
+    return {r[0]: _pending(dict(zip(_PENDING_NAMES, r, strict=True))) for r in records}
 
 
 async def save_pending(conn: asyncpg.Connection, pending: PendingRow) -> None:
@@ -501,8 +505,8 @@ async def save_pending_many(conn: asyncpg.Connection, rows: Sequence[PendingRow]
     if not rows:
         return
     await conn.execute(
-        f"""INSERT INTO pending_replies ({_PENDING_COLUMNS})
-           SELECT {_PENDING_COLUMNS} FROM jsonb_populate_recordset(NULL::pending_replies, $1::jsonb)
+        f"""INSERT INTO pending_replies ({PENDING_COLUMNS})
+           SELECT {PENDING_COLUMNS} FROM jsonb_populate_recordset(NULL::pending_replies, $1::jsonb)
            ORDER BY phone
            ON CONFLICT (phone) DO UPDATE SET inbound_ids = excluded.inbound_ids, due_at = excluded.due_at,
                correlation_id = excluded.correlation_id, causation_id = excluded.causation_id""",

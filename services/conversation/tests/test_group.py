@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from orbion_common.events import Event, utcnow
 from orbion_common.eventstore import StoredEvent
-from orbion_conversation import projector, store
+from orbion_conversation import projector, replies, store
 from orbion_conversation.consumers import Deps, record_event
 from orbion_conversation.group import GroupCommit
 from orbion_conversation.store import Projection
@@ -170,20 +170,25 @@ async def test_each_event_of_a_group_keeps_its_own_trace(
         assert traces == {"MessageReceived": f"{0x1000 + i:032x}", "ReplyRequested": f"{0x1000 + i:032x}"}
 
 
-@pytest.mark.parametrize("path", ["alone", "group"])
+@pytest.mark.parametrize(("path", "round_appends"), [("alone", True), ("group", True), ("group", False)])
 async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts_burst(
-    pool: asyncpg.Pool, schema: str, redis: Redis, path: str
+    pool: asyncpg.Pool, schema: str, redis: Redis, path: str, round_appends: bool
 ) -> None:
     """The scheduler holds the due bursts it claimed while it appends their requests; an event
     of such a contact waits for the round rather than racing it for the stream's next version
-    (a lost race made the round redo every one of its bursts alone)."""
+    (a lost race made the round redo every one of its bursts alone). The group reads the
+    stream's version before that wait: it finds the version the round took, and records its
+    events again, after the round's request."""
     deps = make_deps(pool, schema, redis, quiet=1.5)
     phone, other = new_phone(), new_phone()
     assert await record_event(deps, inbound(phone, f"wamid.{phone}.1", "Oi", seconds=0)) == "scheduled"
     reply = generated(phone, f"reply.{phone}", "Olá!", seconds=2)
     async with pool.acquire() as conn, conn.transaction():
         # As a round does.
-        assert (await store.take_due(conn, Projection(), utcnow() + timedelta(seconds=5), 10)).rows
+        taken = await store.take_due(conn, Projection(), utcnow() + timedelta(seconds=5), 10)
+        assert taken.rows
+        if round_appends:
+            assert len(await replies.emit_many(conn, deps.ctx, taken.rows)) == 1
         if path == "alone":
             recording = asyncio.ensure_future(record_event(deps, reply))
         else:
@@ -193,7 +198,9 @@ async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts
         assert not recording.done()
     await asyncio.wait_for(recording, 5)
     stream = (await streams(deps, [phone]))[phone]
-    assert [s.event.type for s in stream] == ["MessageReceived", "ReplyGenerated"]
+    requested = ["ReplyRequested"] if round_appends else []
+    assert [s.event.type for s in stream] == ["MessageReceived", *requested, "ReplyGenerated"]
+    assert [s.version for s in stream] == list(range(1, len(stream) + 1))
 
 
 async def test_the_history_cached_after_a_group_is_at_each_contacts_version(
