@@ -32,8 +32,6 @@ from typing import Any
 
 import orjson
 
-from orbion_common.service import run as run_service_loop
-
 from . import report
 from .runner import Runner, Slo, StepPlan
 from .scenarios import Scenario
@@ -336,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    figures = run_service_loop(run(args))  # uvloop, as the services run
+    figures = asyncio.run(run(args))
     m = figures["machine"]
     print(f"\nORBION before/after on {m['cpu']} ({m['cores']} cores), {m['at']}\n")
     print(table(figures["rows"]))

@@ -30,8 +30,6 @@ from typing import Any
 
 import orjson
 
-from orbion_common.service import run as run_service_loop
-
 from . import report
 from .fakes import repo_root
 from .runner import Runner, Slo, StepPlan
@@ -363,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = run_service_loop(run(args))  # uvloop, as the services run
+        summary = asyncio.run(run(args))
     except KeyboardInterrupt:
         for stack in _ACTIVE:
             stack.stop_processes()

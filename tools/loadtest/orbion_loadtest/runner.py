@@ -473,8 +473,7 @@ class Runner:
         await sampler.start()
         sampler_task = asyncio.create_task(sampler.run())
         outcomes: dict[int, stats.Outcome] = {}
-        # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
-        clock = time.perf_counter
+        loop = asyncio.get_running_loop()
         url = f"{self.target.gateway_url}/webhooks/whatsapp"
         errors = 0
         recent_ack: list[float] = []
@@ -484,15 +483,15 @@ class Runner:
         async def post(p: Planned, scheduled: float) -> None:
             nonlocal errors
             body, headers = bodies[p.message_id]
-            lag = clock() - scheduled
+            lag = loop.time() - scheduled
             try:
                 async with session.post(url, data=body, headers=headers) as r:
                     status, answer = r.status, await r.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                outcomes[p.seq] = stats.Outcome(None, clock() - scheduled, lag, error=type(exc).__name__)
+                outcomes[p.seq] = stats.Outcome(None, loop.time() - scheduled, lag, error=type(exc).__name__)
                 errors += 1
                 return
-            ack = clock() - scheduled
+            ack = loop.time() - scheduled
             throttled = duplicate = False
             if status == 200:
                 with contextlib.suppress(ValueError, AttributeError, TypeError):
@@ -506,8 +505,8 @@ class Runner:
             if len(recent_ack) > 2000:
                 del recent_ack[:1000]
 
-        t0 = clock() + 0.3
-        epoch0 = time.time() + (t0 - clock())
+        t0 = loop.time() + 0.3
+        epoch0 = time.time() + (t0 - loop.time())
         scheduled_epoch = {p.seq: epoch0 + p.at for p in planned}
         tasks: set[asyncio.Task[None]] = set()
         step_seconds = duration(plan.segments)
@@ -516,8 +515,8 @@ class Runner:
             async def ticker() -> None:
                 last_poll = 0.0
                 while True:
-                    if clock() - last_poll > 1.0:
-                        last_poll = clock()
+                    if loop.time() - last_poll > 1.0:
+                        last_poll = loop.time()
                         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                             await sends.poll()
                     p99 = stats.percentile(recent_ack, 99)
@@ -532,30 +531,30 @@ class Runner:
             try:
                 i = 0
                 while i < len(planned):
-                    now = clock()
+                    now = loop.time()
                     while i < len(planned) and t0 + planned[i].at <= now:
                         task = asyncio.create_task(post(planned[i], t0 + planned[i].at))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                         i += 1
                     if i < len(planned):
-                        await asyncio.sleep(max(0.0, t0 + planned[i].at - clock()))
-                sent_done = clock()
+                        await asyncio.sleep(max(0.0, t0 + planned[i].at - loop.time()))
+                sent_done = loop.time()
                 if tasks:
                     await asyncio.wait(set(tasks), timeout=30)
-                acks_done = clock()
+                acks_done = loop.time()
                 # Drain: until every due reply is in, or no new reply came for drain_timeout seconds
                 # (a backlog past saturation is still being worked off while replies keep coming),
                 # or drain_max seconds in all.
-                stall_deadline = clock() + self.drain_timeout
-                hard_deadline = clock() + self.drain_max
+                stall_deadline = loop.time() + self.drain_timeout
+                hard_deadline = loop.time() + self.drain_max
                 seen = -1
-                while clock() < min(stall_deadline, hard_deadline):
+                while loop.time() < min(stall_deadline, hard_deadline):
                     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                         await sends.poll()
                     if len(sends.sends) != seen:
                         seen = len(sends.sends)
-                        stall_deadline = clock() + self.drain_timeout
+                        stall_deadline = loop.time() + self.drain_timeout
                     v = stats.account(
                         planned,
                         outcomes,
@@ -567,7 +566,7 @@ class Runner:
                     if v.lost == 0:
                         break
                     await asyncio.sleep(0.5)
-                drained = clock()
+                drained = loop.time()
                 await asyncio.sleep(self.settle)
                 await sends.poll()
             finally:
