@@ -166,7 +166,10 @@ class Relay:
                         await self.publish_pending()
                     finally:
                         self.leader = False
-                        self._ahead.clear()  # the next term reads from the saved cursor
+                        # The next term reads from the saved cursor: what was handed over and
+                        # not published yet is in the log it reads.
+                        self._ahead.clear()
+                        self._handed.clear()
                         self._read_behind = True
                         await self._save_unsaved()
                         self._cursor = None
