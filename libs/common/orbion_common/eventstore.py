@@ -148,10 +148,6 @@ class EventStore:
                  WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
             ORDER BY e.n
             RETURNING event_id, position"""
-        self._sql_versions_and_stored = f"""
-            SELECT ARRAY(SELECT ROW(stream_id, max(version)) FROM {s}.events
-                         WHERE stream_id = ANY($1::text[]) GROUP BY stream_id) AS versions,
-                   ARRAY(SELECT event_id FROM {s}.events WHERE event_id = ANY($2::text[])) AS stored"""
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -272,9 +268,9 @@ class EventStore:
     ) -> tuple[str, list[object]]:
         """An INSERT that appends each event after its stream's last version (events of one
         stream in the order given), read in the same statement, ``RETURNING event_id, position,
-        version``, and its arguments, numbered from ``$first``: for a batch writer that needs the versions
-        for nothing else (a round trip less than :meth:`versions_and_stored` first), and that may
-        store its own rows in the same statement, the INSERT as one of its data-modifying CTEs.
+        version``, and its arguments, numbered from ``$first``: for a batch writer that needs the
+        versions for nothing else (a round trip less than reading them first), and that may store
+        its own rows in the same statement, the INSERT as one of its data-modifying CTEs.
         Run it with :meth:`fetch_appending`: a version another writer takes meanwhile, or an
         event id already stored, raises :class:`ConcurrencyError` and nothing is stored.
         ``only``, a condition on ``e.event_id``, and ``unstored_only`` (an event already in the
@@ -309,15 +305,6 @@ class EventStore:
         """Run a statement that appends events (one built on :meth:`insert_next`): a unique
         violation is a :class:`ConcurrencyError` (nothing of the statement is stored)."""
         return await _insert(conn, sql, args, savepoint, "concurrent append")
-
-    async def versions_and_stored(
-        self, conn: asyncpg.Connection, stream_ids: Sequence[str], event_ids: Sequence[str] = ()
-    ) -> tuple[dict[str, int], set[str]]:
-        """The current version of each stream (0 for a stream with no event yet) and those of
-        ``event_ids`` already in the store, in one read."""
-        row = await conn.fetchrow(self._sql_versions_and_stored, list(stream_ids), list(event_ids))
-        found = dict(row["versions"])
-        return {s: found.get(s, 0) for s in stream_ids}, set(row["stored"])
 
     async def trace_context_of(self, conn: asyncpg.Connection, event_id: str) -> str | None:
         """The trace context stored with an event (:func:`trace_context`'s form); None without."""

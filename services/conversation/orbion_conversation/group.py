@@ -22,6 +22,7 @@ Each event keeps its trace: its append stores the trace context of its own handl
 the work done for it alone (a quiet-period-0 ReplyRequested, the one-event path) runs in that
 call's context. The group's shared statements are traced under the call that opened the group.
 """
+
 from __future__ import annotations
 
 import asyncio
