@@ -140,14 +140,7 @@ class EventStore:
             ORDER BY e.version
             RETURNING position, version, tx_id::text::bigint AS tx_id, body::text AS body,
                       trace_context::text AS trace_context"""
-        self._sql_insert_many = f"""
-            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
-            SELECT e.event_id, e.stream_id, e.version, e.type, e.occurred_at, e.body::jsonb, e.trace::jsonb
-            FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[],
-                        $7::text[])
-                 WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
-            ORDER BY e.n
-            RETURNING event_id, position"""
+        self._sql_insert_many = self._insert_at_versions_sql(1)
         self._sql_stream = (
             f"SELECT position, version, tx_id::text::bigint AS tx_id, body::text AS body "
             f"FROM {s}.events WHERE stream_id = $1 AND version > $2 ORDER BY version"
@@ -250,11 +243,35 @@ class EventStore:
         """
         if not events:
             return []
-        ids, streams, types, occurred, bodies, traces = _columns([e for e, _ in events], trace_contexts)
-        args = (ids, streams, [v for _, v in events], types, occurred, bodies, traces)
-        rows = await _insert(conn, self._sql_insert_many, args, savepoint, "concurrent append")
-        positions = {r["event_id"]: r["position"] for r in rows}
-        return [positions[e.event_id] for e, _ in events]
+        rows = await _insert(
+            conn, self._sql_insert_many, _at_versions(events, trace_contexts), savepoint, "concurrent append"
+        )
+        return positions_of(events, rows)
+
+    def insert_at_versions(
+        self,
+        events: Sequence[tuple[Envelope, int]],
+        trace_contexts: Sequence[str | None] | None = None,
+        *,
+        first: int = 1,
+    ) -> tuple[str, list[object]]:
+        """:meth:`append_at_versions` as an INSERT ``RETURNING event_id, position`` and its
+        arguments, numbered from ``$first``: for a batch writer that stores its own rows in the
+        same statement, the INSERT as one of its data-modifying CTEs. Run it with
+        :meth:`fetch_appending`; :func:`positions_of` reads the positions from its rows."""
+        return self._insert_at_versions_sql(first), _at_versions(events, trace_contexts)
+
+    def _insert_at_versions_sql(self, first: int) -> str:
+        p = [f"${first + i}" for i in range(7)]
+        s = f'"{self.schema}"'
+        return f"""
+            INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
+            SELECT e.event_id, e.stream_id, e.version, e.type, e.occurred_at, e.body::jsonb, e.trace::jsonb
+            FROM unnest({p[0]}::text[], {p[1]}::text[], {p[2]}::int[], {p[3]}::text[], {p[4]}::timestamptz[],
+                        {p[5]}::text[], {p[6]}::text[])
+                 WITH ORDINALITY AS e(event_id, stream_id, version, type, occurred_at, body, trace, n)
+            ORDER BY e.n
+            RETURNING event_id, position"""
 
     def insert_next(
         self,
@@ -422,6 +439,20 @@ def _columns(
         [encode(e).decode() for e in events],
         traces,
     )
+
+
+def _at_versions(
+    events: Sequence[tuple[Envelope, int]], trace_contexts: Sequence[str | None] | None
+) -> list[object]:
+    """The arguments of an insert at the callers' versions: :func:`_columns` with the versions third."""
+    ids, streams, types, occurred, bodies, traces = _columns([e for e, _ in events], trace_contexts)
+    return [ids, streams, [v for _, v in events], types, occurred, bodies, traces]
+
+
+def positions_of(events: Sequence[tuple[Envelope, int]], rows: Sequence[asyncpg.Record]) -> list[int]:
+    """The positions of ``events`` (in their order) from the rows of an insert at their versions."""
+    positions = {r["event_id"]: r["position"] for r in rows}
+    return [positions[e.event_id] for e, _ in events]
 
 
 async def _insert(

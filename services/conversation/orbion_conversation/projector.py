@@ -13,6 +13,7 @@ import asyncpg
 
 from orbion_common.events import (
     BantStageAdvanced,
+    Event,
     MessageReceived,
     MessageSent,
     MessageStatusChanged,
@@ -67,10 +68,7 @@ async def apply(
     summary = contacts.get(phone) if contacts is not None else None
     if summary is None:
         summary = await proj.load_contact(conn, phone) or ContactSummary(phone=phone)
-    summary = replace(
-        summary, state=domain.evolve_contact(summary.state, event, opt_in_rule), version=stored.version
-    )
-
+    summary = contact_after(summary, event, stored.version, opt_in_rule)
     if isinstance(event, MessageReceived):
         summary, new_message = await _inbound(conn, proj, event, stored.position, summary)
     elif isinstance(event, MessageStatusChanged):
@@ -89,6 +87,12 @@ async def apply(
     else:
         await proj.save_contact(conn, summary)
     return Applied(summary, new_message)
+
+
+def contact_after(summary: ContactSummary, event: Event, version: int, opt_in_rule: str) -> ContactSummary:
+    """The contact's state and version after ``event``, at ``version`` of its stream: all that
+    an event projects beyond its own rows (``ReplyRequested`` and the lead's events have none)."""
+    return replace(summary, state=domain.evolve_contact(summary.state, event, opt_in_rule), version=version)
 
 
 async def _inbound(
@@ -159,9 +163,3 @@ async def _outbound(
     elif current.status in ("pending", "sent"):
         await proj.set_status(conn, p.reply_key, "failed", event.occurred_at, event.payload.reason)
     return summary
-
-
-async def save_contacts(
-    conn: asyncpg.Connection, proj: Projection, contacts: dict[str, ContactSummary]
-) -> None:
-    await proj.save_contacts(conn, list(contacts.values()))

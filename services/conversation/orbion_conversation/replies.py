@@ -253,21 +253,20 @@ async def emit_many(
         for r in asking
     ]
     at = [r.stream_version + 1 for r in asking]
-    # No savepoint: a conflict ends the round's transaction (each burst is then decided alone).
     # Each request in the trace of its burst's last message, not in the scheduler's (none).
     traces = [r.trace_context for r in asking]
-    positions = await ctx.store.append_at_versions(
-        conn, list(zip(events, at, strict=True)), traces, savepoint=False
+    touched = {e.stream_id: contacts[e.stream_id] for e in events}
+    for e, v in zip(events, at, strict=True):
+        touched[e.stream_id] = projector.contact_after(touched[e.stream_id], e, v, ctx.opt_in_rule)
+    # One statement, no savepoint: a conflict ends the round's transaction (each burst is then
+    # decided alone).
+    positions = await ctx.projection.append_and_save_contacts(
+        conn, ctx.store, list(zip(events, at, strict=True)), traces, list(touched.values())
     )
-    stored = [
+    return [
         StoredEvent(p, v, e, trace_context=parse_trace_context(t))
         for e, v, p, t in zip(events, at, positions, traces, strict=True)
     ]
-    touched = {e.stream_id: contacts[e.stream_id] for e in events}
-    for s in stored:
-        await projector.apply(conn, ctx.projection, s, ctx.opt_in_rule, touched)
-    await projector.save_contacts(conn, ctx.projection, touched)
-    return stored
 
 
 def next_round_in(

@@ -19,6 +19,9 @@ from typing import Any
 import asyncpg
 import orjson
 
+from orbion_common.events import Envelope
+from orbion_common.eventstore import EventStore, positions_of
+
 from .domain import ContactState, ContactSummary, MessageItem, PendingReply
 
 LIVE = ""
@@ -200,18 +203,7 @@ class Projection:
             ON CONFLICT (provider_message_id) DO UPDATE
             SET status = excluded.status, status_at = excluded.status_at, error = excluded.error"""
         self._load_contact = f"SELECT {CONTACT_COLUMNS} FROM {c} WHERE phone = $1"
-        self._save_contact = f"""
-            INSERT INTO {c} ({CONTACT_COLUMNS})
-            SELECT {CONTACT_COLUMNS} FROM jsonb_populate_recordset(NULL::{c}, $1::jsonb) ORDER BY phone
-            ON CONFLICT (phone) DO UPDATE SET
-                profile_name = excluded.profile_name, message_count = excluded.message_count,
-                inbound_count = excluded.inbound_count, outbound_count = excluded.outbound_count,
-                first_message_at = excluded.first_message_at, last_inbound_at = excluded.last_inbound_at,
-                last_outbound_at = excluded.last_outbound_at, last_activity_at = excluded.last_activity_at,
-                opted_out = excluded.opted_out, blocked = excluded.blocked, handed_off = excluded.handed_off,
-                version = excluded.version, lead_stage = excluded.lead_stage, language = excluded.language,
-                verification_pending = excluded.verification_pending, verified = excluded.verified,
-                verification_answer_ids = excluded.verification_answer_ids"""
+        self._save_contact = self._contact_upsert()
         self._recent = f"""
             SELECT {_MESSAGE_COLUMNS} FROM {m} WHERE phone = $1
             ORDER BY created_at DESC, position DESC LIMIT $2"""
@@ -401,6 +393,44 @@ class Projection:
         """Upsert contacts (each phone at most once) in one statement, locked in phone order."""
         if summaries:
             await conn.execute(self._save_contact, json_rows(CONTACT_NAMES, map(_contact_row, summaries)))
+
+    def _contact_upsert(self, condition: str = "") -> str:
+        """Upsert the contacts of a JSON array (``$1``), locked in phone order, where ``condition``."""
+        c = self.contacts
+        return f"""
+            INSERT INTO {c} ({CONTACT_COLUMNS})
+            SELECT {CONTACT_COLUMNS} FROM jsonb_populate_recordset(NULL::{c}, $1::jsonb)
+            {f"WHERE {condition}" if condition else ""} ORDER BY phone
+            ON CONFLICT (phone) DO UPDATE SET
+                profile_name = excluded.profile_name, message_count = excluded.message_count,
+                inbound_count = excluded.inbound_count, outbound_count = excluded.outbound_count,
+                first_message_at = excluded.first_message_at, last_inbound_at = excluded.last_inbound_at,
+                last_outbound_at = excluded.last_outbound_at, last_activity_at = excluded.last_activity_at,
+                opted_out = excluded.opted_out, blocked = excluded.blocked, handed_off = excluded.handed_off,
+                version = excluded.version, lead_stage = excluded.lead_stage, language = excluded.language,
+                verification_pending = excluded.verification_pending, verified = excluded.verified,
+                verification_answer_ids = excluded.verification_answer_ids"""
+
+    async def append_and_save_contacts(
+        self,
+        conn: asyncpg.Connection,
+        store: EventStore,
+        events: Sequence[tuple[Envelope, int]],
+        trace_contexts: Sequence[str | None],
+        summaries: Sequence[ContactSummary],
+    ) -> list[int]:
+        """``store.append_at_versions`` (without a savepoint), then :meth:`save_contacts`, in one
+        statement; returns the events' positions. The contacts wait for every event to be
+        inserted, the order of two separate statements, so that a concurrent writer taking the
+        same locks in that order cannot deadlock with it."""
+        appending, args = store.insert_at_versions(events, trace_contexts, first=2)
+        sql = f"""
+            WITH appended AS ({appending}),
+            saved AS ({self._contact_upsert("(SELECT count(*) FROM appended) >= 0")})
+            SELECT event_id, position FROM appended"""
+        contacts = json_rows(CONTACT_NAMES, map(_contact_row, summaries))
+        rows = await store.fetch_appending(conn, sql, [contacts, *args], savepoint=False)
+        return positions_of(events, rows)
 
     async def active_contacts(
         self,

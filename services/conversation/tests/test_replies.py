@@ -278,6 +278,40 @@ async def test_a_round_emits_every_due_burst_in_one_short_transaction(
     assert second.payload.history[-1].text == "Oi"
 
 
+async def test_a_round_appends_its_requests_and_saves_their_contacts_in_one_statement(
+    pool: asyncpg.Pool, schema: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the take, a round runs one statement before its commit: every request appended at
+    its contact's next version, and the contacts saved at those versions."""
+    deps, scheduler = quiet_deps(pool, schema, redis)
+    phones = [new_phone() for _ in range(3)]
+    for i, phone in enumerate(phones):
+        await record_event(deps, inbound(phone, f"wamid.S{i}", "Oi", seconds=i))
+    after_take: list[str] = []
+    take_due = store.take_due
+
+    async def taking(conn: asyncpg.Connection, proj: Projection, now: datetime, limit: int) -> store.DueRound:
+        taken = await take_due(conn, proj, now, limit)
+        conn.add_query_logger(lambda logged: after_take.append(logged.query))
+        return taken
+
+    monkeypatch.setattr(store, "take_due", taking)
+    assert await scheduler.emit_due(utcnow() + LATER) == 3
+    await asyncio.sleep(0)  # the logger is called soon after each statement, not in it
+    # Then the pool's reset of the connection. Before: the append, the contacts, the commit.
+    assert after_take[1] == "COMMIT;"
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT phone, version FROM conversation_contacts WHERE phone = ANY($1)", phones
+        )
+        versions = await conn.fetch(
+            "SELECT stream_id, version FROM events WHERE type = 'ReplyRequested' AND stream_id = ANY($1)",
+            phones,
+        )
+    assert {r["phone"]: r["version"] for r in rows} == dict.fromkeys(phones, 2)
+    assert {r["stream_id"]: r["version"] for r in versions} == dict.fromkeys(phones, 2)
+
+
 async def test_a_round_where_one_stream_moved_still_emits_the_others(
     pool: asyncpg.Pool, schema: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
