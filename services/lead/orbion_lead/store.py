@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -104,8 +104,13 @@ class LeadStore:
             f"ON l.phone = k.phone ORDER BY l.phone FOR UPDATE OF l"
         )
         self._sql_lock_many_skip = self._sql_lock_many + " SKIP LOCKED"
-        # One statement upserts every changed lead (the events go in just before, in one too).
-        self._sql_project_many = f"""
+        self._sql_project_many = self._project_sql()
+
+    def _project_sql(self, condition: str = "") -> str:
+        """Upsert the leads of the arrays ``$1`` to ``$11`` (:func:`_project_args`) where
+        ``condition``; an older version never overwrites a newer one."""
+        s = f'"{self.schema}"'
+        return f"""
             INSERT INTO {s}.leads (phone, version, stage, agent, status, score, qualified, bot_score,
                                    created_at, updated_at, state)
             SELECT l.phone, l.version, l.stage, l.agent, l.status, l.score, l.qualified, l.bot_score,
@@ -114,6 +119,7 @@ class LeadStore:
                         $8::int[], $9::timestamptz[], $10::timestamptz[], $11::text[])
                  AS l(phone, version, stage, agent, status, score, qualified, bot_score, created_at,
                       updated_at, state)
+            {f"WHERE {condition}" if condition else ""}
             ON CONFLICT (phone) DO UPDATE SET
                 version = excluded.version, stage = excluded.stage, agent = excluded.agent,
                 status = excluded.status, score = excluded.score, qualified = excluded.qualified,
@@ -181,7 +187,8 @@ class LeadStore:
         }
 
     async def append_and_project(self, conn: asyncpg.Connection, changes: Sequence[Change]) -> None:
-        """Append each lead's new events after its previous version, then upsert the leads.
+        """Append each lead's new events after its previous version and upsert the leads, in one
+        statement.
 
         Raises ``ConcurrencyError`` when another writer appended to one of the streams
         meanwhile; the caller's transaction is then unusable (no savepoint: two round trips
@@ -193,30 +200,22 @@ class LeadStore:
         if not events:
             return
         traces = [c.trace for c in changes for _ in c.events]
-        await self.events.append_at_versions(conn, events, traces, savepoint=False)
-        await self._write(conn, [(c.lead, c.state) for c in changes if c.events])
+        projected = _project_args([(c.lead, c.state) for c in changes if c.events])
+        appending, args = self.events.insert_at_versions(events, traces, first=len(projected) + 1)
+        # The leads wait for every event to be inserted: the order of two separate statements.
+        sql = f"""
+            WITH appended AS ({appending}),
+            projected AS ({self._project_sql("(SELECT count(*) FROM appended) >= 0")})
+            SELECT count(*) FROM appended"""
+        await self.events.fetch_appending(conn, sql, [*projected, *args], savepoint=False)
 
     async def save_leads(self, conn: asyncpg.Connection, leads: Sequence[Lead]) -> None:
         """Upsert projection rows (an older version never overwrites a newer one)."""
         await self._write(conn, [(lead, lead.model_dump_json().encode()) for lead in leads])
 
     async def _write(self, conn: asyncpg.Connection, leads: Sequence[tuple[Lead, bytes]]) -> None:
-        if not leads:
-            return
-        await conn.execute(
-            self._sql_project_many,
-            [x.phone for x, _ in leads],
-            [x.version for x, _ in leads],
-            [x.stage.value for x, _ in leads],
-            [x.agent.value for x, _ in leads],
-            [x.status.value for x, _ in leads],
-            [x.score for x, _ in leads],
-            [x.qualified for x, _ in leads],
-            [x.bot_score for x, _ in leads],
-            [x.created_at for x, _ in leads],
-            [x.updated_at for x, _ in leads],
-            [state.decode() for _, state in leads],
-        )
+        if leads:
+            await conn.execute(self._sql_project_many, *_project_args(leads))
 
     # --- projection -----------------------------------------------------------------------
 
@@ -307,3 +306,20 @@ class LeadStore:
     async def next_due(self, conn: asyncpg.Connection) -> datetime | None:
         due: datetime | None = await conn.fetchval(self._sql_next_due)
         return due
+
+
+def _project_args(leads: Sequence[tuple[Lead, bytes]]) -> list[list[Any]]:
+    """The arrays the leads' upsert unnests, from each lead and its state as JSON."""
+    return [
+        [x.phone for x, _ in leads],
+        [x.version for x, _ in leads],
+        [x.stage.value for x, _ in leads],
+        [x.agent.value for x, _ in leads],
+        [x.status.value for x, _ in leads],
+        [x.score for x, _ in leads],
+        [x.qualified for x, _ in leads],
+        [x.bot_score for x, _ in leads],
+        [x.created_at for x, _ in leads],
+        [x.updated_at for x, _ in leads],
+        [state.decode() for _, state in leads],
+    ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
+from asyncpg.connection import LoggedQuery
 from lead_builders import at, inbound, lead_settings, new_phone, reply, sent
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -17,6 +19,7 @@ from orbion_lead import domain
 from orbion_lead.bootstrap import Service, build
 from orbion_lead.rebuild import rebuild
 from orbion_lead.recorder import LeadRecorder, lead_cache
+from orbion_lead.store import Change
 
 pytestmark = pytest.mark.skipif(
     "LeadActivityRecorded" not in EVENTS_BY_NAME,
@@ -51,6 +54,37 @@ async def test_a_first_message_creates_the_lead_in_store_projection_and_cache(se
     cached = await service.recorder.cache.peek(phone)
     assert cached is not None and cached.version == 5
     assert domain.Lead.model_validate_json(cached.value) == projected
+
+
+async def test_a_decisions_events_and_its_lead_are_written_in_one_statement(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events of a group's decisions and the leads they fold into go to Postgres together:
+    one round trip, and both are there after the commit."""
+    statements: list[str] = []
+    append_and_project = service.store.append_and_project
+
+    async def counted(conn: asyncpg.Connection, changes: Sequence[Change]) -> None:
+        def logged(query: LoggedQuery) -> None:
+            statements.append(query.query)
+
+        conn.add_query_logger(logged)
+        try:
+            await append_and_project(conn, changes)
+            await asyncio.sleep(0)  # the logger is called soon after the statement, not in it
+        finally:
+            conn.remove_query_logger(logged)
+
+    monkeypatch.setattr(service.store, "append_and_project", counted)
+    phones = [new_phone() for _ in range(3)]
+    await asyncio.gather(*(service.consumers.handle(inbound(p, "Oi")) for p in phones))
+    writes = [q for q in statements if "INSERT INTO" in q]  # not the pool's checks of a new statement
+    assert writes and all("WITH appended AS" in q for q in writes)  # before: the events, then the leads
+    async with service.pool.acquire() as conn:
+        for phone in phones:
+            events = await service.store.load_events(conn, phone, limit=100)
+            lead = await service.store.load_lead(conn, phone)
+            assert lead.exists and lead.version == len(events) == events[-1].version
 
 
 async def test_a_redelivered_event_changes_nothing(service: Service) -> None:
