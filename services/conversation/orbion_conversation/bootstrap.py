@@ -70,7 +70,8 @@ class Service:
             )
             if deliver_new_only:
                 spec = replace(spec, deliver_new_only=True)
-            self.bus.consume(spec, GroupCommit(self.deps).handle)
+            interval = self.settings.conversation_commit_interval_seconds
+            self.bus.consume(spec, GroupCommit(self.deps, commit_interval=interval).handle)
         if self.relay is not None:
             self.tasks["relay"] = background_task(self.relay.run(), name="conversation-relay")
         self.tasks["scheduler"] = background_task(self.scheduler.run(), name="conversation-replies")

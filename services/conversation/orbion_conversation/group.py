@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -72,11 +73,19 @@ class _Recorded:
 
 
 class GroupCommit:
-    def __init__(self, deps: Deps, *, max_group: int = 256) -> None:
+    """``commit_interval``: under load, a group starts at most this long after the previous one
+    started (after a quiet spell, at once), so that the events arriving meanwhile share its
+    transaction; 0 starts each group as soon as the previous one ended. Never more than a tenth
+    of the quiet period: the inbound messages' wait is then hidden in it, and with no quiet
+    period (each reply requested in its message's transaction) there is none."""
+
+    def __init__(self, deps: Deps, *, max_group: int = 256, commit_interval: float = 0.0) -> None:
         self.deps = deps
         self.max_group = max_group
+        self.commit_interval = min(commit_interval, deps.ctx.quiet_seconds / 10)
         self._pending: list[_Work] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._last_start = -math.inf
 
     async def handle(self, event: Event, delivery: Delivery) -> None:
         """The bus handler: returns after the event's transaction committed."""
@@ -97,6 +106,7 @@ class GroupCommit:
         # The other handlers of the same bus batch start in this loop turn: let them join.
         await asyncio.sleep(0)
         while self._pending:
+            await self._pace()
             group = self._take()
             try:
                 await self._run(group)
@@ -108,6 +118,13 @@ class GroupCommit:
                         work.done.set_exception(RuntimeError(f"group commit interrupted: {exc!r}"))
                 if not isinstance(exc, Exception):
                     raise
+
+    async def _pace(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self._last_start + self.commit_interval - loop.time()
+        if wait > 0 and len(self._pending) < self.max_group:
+            await asyncio.sleep(wait)
+        self._last_start = loop.time()
 
     def _take(self) -> list[_Work]:
         """Oldest first, one event per contact (its next one waits for the next group)."""

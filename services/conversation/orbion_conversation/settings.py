@@ -31,6 +31,14 @@ class Settings(CommonSettings):
     conversation_scheduler_poll_seconds: float = Field(
         0.25, gt=0, description="How often the reply scheduler looks for due replies of other replicas."
     )
+    conversation_commit_interval_seconds: float = Field(
+        0.05,
+        ge=0,
+        description="Under load, the consumer records what arrived in one transaction at most this "
+        "often (after a quiet spell, at once), and never more than a tenth of the quiet period: "
+        "longer means fewer transactions and a history that lags by up to this much. Replies wait "
+        "for it only when the quiet period is this short.",
+    )
     conversation_consumer_batch: int = Field(
         256,
         ge=1,

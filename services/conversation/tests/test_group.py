@@ -71,6 +71,48 @@ async def test_a_group_of_several_contacts_keeps_each_contacts_order_in_few_tran
     assert page[0].status == "sent"
 
 
+async def transaction_of(pool: asyncpg.Pool, events: Sequence[Event]) -> list[str]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT event_id, tx_id::text AS tx FROM events WHERE event_id = ANY($1)",
+            [e.event_id for e in events],
+        )
+    by_id = {r["event_id"]: r["tx"] for r in rows}
+    return [by_id[e.event_id] for e in events]
+
+
+async def test_a_busy_group_commit_starts_at_most_once_per_interval_and_an_idle_one_at_once(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """What arrives within the interval after a group started waits for it and shares the next
+    transaction; the first event after a quiet spell is recorded at once."""
+    group = GroupCommit(make_deps(pool, schema, redis, quiet=20.0), commit_interval=1.0)
+    first, second, third = (inbound(new_phone(), f"wamid.P{i}", "Oi") for i in range(3))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await group.record(first) == "scheduled"
+    assert loop.time() - started < 0.8  # idle: nothing to wait for
+    later = asyncio.create_task(group.record(second))
+    await asyncio.sleep(0.1)
+    assert await group.record(third) == "scheduled"
+    assert await later == "scheduled"
+    assert loop.time() - started >= 0.9  # the second waited for the interval, and the third joined it
+    a, b, c = await transaction_of(pool, [first, second, third])
+    assert b == c != a
+
+
+async def test_with_no_quiet_period_a_group_commit_never_waits(
+    pool: asyncpg.Pool, schema: str, redis: Redis
+) -> None:
+    """Each reply is then requested in its message's transaction: pacing would delay it."""
+    group = GroupCommit(make_deps(pool, schema, redis, quiet=0.0), commit_interval=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(3):
+        assert await group.record(inbound(new_phone(), f"wamid.Q{i}", "Oi")) == "requested"
+    assert loop.time() - started < 0.8
+
+
 async def test_a_group_leaves_what_the_one_event_path_leaves(
     pool: asyncpg.Pool, schema: str, redis: Redis
 ) -> None:
