@@ -36,8 +36,8 @@ class Settings(CommonSettings):
         ge=0,
         description="Under load, the consumer records what arrived in one transaction at most this "
         "often (after a quiet spell, at once), and never more than a tenth of the quiet period: "
-        "longer means fewer transactions and a history that lags by up to this much. Replies wait "
-        "for it only when the quiet period is this short.",
+        "longer means fewer transactions and a history that lags by up to this much. Replies do not "
+        "wait for it: an inbound message's wait ends inside its quiet period.",
     )
     conversation_consumer_batch: int = Field(
         256,
