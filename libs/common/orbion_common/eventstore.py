@@ -246,20 +246,28 @@ class EventStore:
         rows = await _insert(
             conn, self._sql_insert_many, _at_versions(events, trace_contexts), savepoint, "concurrent append"
         )
-        return positions_of(events, rows)
+        return _positions_of(events, rows)
 
-    def insert_at_versions(
+    async def append_at_versions_with(
         self,
+        conn: asyncpg.Connection,
         events: Sequence[tuple[Envelope, int]],
-        trace_contexts: Sequence[str | None] | None = None,
-        *,
-        first: int = 1,
-    ) -> tuple[str, list[object]]:
-        """:meth:`append_at_versions` as an INSERT ``RETURNING event_id, position`` and its
-        arguments, numbered from ``$first``: for a batch writer that stores its own rows in the
-        same statement, the INSERT as one of its data-modifying CTEs. Run it with
-        :meth:`fetch_appending`; :func:`positions_of` reads the positions from its rows."""
-        return self._insert_at_versions_sql(first), _at_versions(events, trace_contexts)
+        trace_contexts: Sequence[str | None],
+        rows: Callable[[str], str],
+        rows_args: Sequence[object],
+    ) -> list[int]:
+        """:meth:`append_at_versions` (without a savepoint) and the caller's own rows in one
+        statement; returns the events' positions. ``rows(condition)`` is the caller's
+        data-modifying statement on ``$1`` to ``$len(rows_args)``, with ``condition`` in its
+        WHERE: it waits for every event to be inserted, so that the locks are taken in the order
+        of two separate statements, and a concurrent writer taking them in that order cannot
+        deadlock with it."""
+        appending = self._insert_at_versions_sql(len(rows_args) + 1)
+        sql = f"""
+            WITH appended AS ({appending}), written AS ({rows(after("appended"))})
+            SELECT event_id, position FROM appended"""
+        args = [*rows_args, *_at_versions(events, trace_contexts)]
+        return _positions_of(events, await _insert(conn, sql, args, False, "concurrent append"))
 
     def _insert_at_versions_sql(self, first: int) -> str:
         p = [f"${first + i}" for i in range(7)]
@@ -300,8 +308,7 @@ class EventStore:
         if unstored_only:
             conditions.append(f"NOT EXISTS (SELECT 1 FROM {s}.events o WHERE o.event_id = e.event_id)")
         if after_locking:
-            # Always true; reading every row of the CTE first is the point.
-            conditions.append(f"(SELECT count(*) FROM {after_locking}) >= 0")
+            conditions.append(after(after_locking))
         sql = f"""
             INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
             SELECT e.event_id, e.stream_id,
@@ -441,6 +448,13 @@ def _columns(
     )
 
 
+def after(cte: str) -> str:
+    """A condition, always true, that makes the part of a statement that takes it wait until
+    the data-modifying CTE ``cte`` of the same statement has run to its end (Postgres runs the
+    sub-statements of a WITH in no set order otherwise): a lock order within one statement."""
+    return f"(SELECT count(*) FROM {cte}) >= 0"
+
+
 def _at_versions(
     events: Sequence[tuple[Envelope, int]], trace_contexts: Sequence[str | None] | None
 ) -> list[object]:
@@ -449,7 +463,7 @@ def _at_versions(
     return [ids, streams, [v for _, v in events], types, occurred, bodies, traces]
 
 
-def positions_of(events: Sequence[tuple[Envelope, int]], rows: Sequence[asyncpg.Record]) -> list[int]:
+def _positions_of(events: Sequence[tuple[Envelope, int]], rows: Sequence[asyncpg.Record]) -> list[int]:
     """The positions of ``events`` (in their order) from the rows of an insert at their versions."""
     positions = {r["event_id"]: r["position"] for r in rows}
     return [positions[e.event_id] for e, _ in events]

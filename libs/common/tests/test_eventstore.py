@@ -154,6 +154,28 @@ async def test_a_batch_across_streams_is_stored_whole_or_not_at_all(store):
     assert await es.stream_version(conn, "551177") == 1
 
 
+async def test_a_batch_and_the_writers_own_rows_are_stored_in_one_statement_or_not_at_all(store):
+    es, conn = store
+    await conn.execute(f'CREATE TABLE "{es.schema}".seen (phone text PRIMARY KEY)')
+
+    def seen(condition: str) -> str:
+        return f'INSERT INTO "{es.schema}".seen SELECT unnest($1::text[]) WHERE {condition}'
+
+    first = [(inbound("551100", 1), 1), (inbound("551177", 2), 1)]
+    positions = await es.append_at_versions_with(conn, first, [None, None], seen, [["551100", "551177"]])
+    assert positions == sorted(positions) and len(set(positions)) == 2
+    with pytest.raises(ConcurrencyError):
+        # 551177 is already at version 1: neither the events nor the rows are stored.
+        await es.append_at_versions_with(
+            conn, [(inbound("551188", 3), 1), (inbound("551177", 4), 1)], [None, None], seen, [["551188"]]
+        )
+    assert await es.stream_version(conn, "551188") == 0
+    assert await conn.fetchval(f'SELECT array_agg(phone ORDER BY phone) FROM "{es.schema}".seen') == [
+        "551100",
+        "551177",
+    ]
+
+
 async def append_next(es: EventStore, conn: asyncpg.Connection, events: list[Envelope]) -> list[int]:
     """What a batch writer does with ``insert_next``: the positions of ``events``, in order."""
     sql, args = es.insert_next(events)

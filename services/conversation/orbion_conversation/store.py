@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 
 from orbion_common.events import Envelope
-from orbion_common.eventstore import EventStore, positions_of
+from orbion_common.eventstore import EventStore
 
 from .domain import ContactState, ContactSummary, MessageItem, PendingReply
 
@@ -420,17 +420,11 @@ class Projection:
         summaries: Sequence[ContactSummary],
     ) -> list[int]:
         """``store.append_at_versions`` (without a savepoint), then :meth:`save_contacts`, in one
-        statement; returns the events' positions. The contacts wait for every event to be
-        inserted, the order of two separate statements, so that a concurrent writer taking the
-        same locks in that order cannot deadlock with it."""
-        appending, args = store.insert_at_versions(events, trace_contexts, first=2)
-        sql = f"""
-            WITH appended AS ({appending}),
-            saved AS ({self._contact_upsert("(SELECT count(*) FROM appended) >= 0")})
-            SELECT event_id, position FROM appended"""
+        statement (``EventStore.append_at_versions_with``); returns the events' positions."""
         contacts = json_rows(CONTACT_NAMES, map(_contact_row, summaries))
-        rows = await store.fetch_appending(conn, sql, [contacts, *args], savepoint=False)
-        return positions_of(events, rows)
+        return await store.append_at_versions_with(
+            conn, events, trace_contexts, self._contact_upsert, [contacts]
+        )
 
     async def active_contacts(
         self,

@@ -201,13 +201,7 @@ class LeadStore:
             return
         traces = [c.trace for c in changes for _ in c.events]
         projected = _project_args([(c.lead, c.state) for c in changes if c.events])
-        appending, args = self.events.insert_at_versions(events, traces, first=len(projected) + 1)
-        # The leads wait for every event to be inserted: the order of two separate statements.
-        sql = f"""
-            WITH appended AS ({appending}),
-            projected AS ({self._project_sql("(SELECT count(*) FROM appended) >= 0")})
-            SELECT count(*) FROM appended"""
-        await self.events.fetch_appending(conn, sql, [*projected, *args], savepoint=False)
+        await self.events.append_at_versions_with(conn, events, traces, self._project_sql, projected)
 
     async def save_leads(self, conn: asyncpg.Connection, leads: Sequence[Lead]) -> None:
         """Upsert projection rows (an older version never overwrites a newer one)."""
