@@ -9,9 +9,10 @@ Each row is measured here, now, on real servers, against its own baseline from t
 3. lead lookup: the cache vs Postgres, the lead service's benchmark (``orbion bench lead --json``);
 4. an LLM answer: the llm-proxy's response cache vs the fake OpenAI at ``--llm-latency-ms``
    (300), through the llm-proxy's own ``Responder``;
-5. the whole system's sustainable rate: the load ladder (runner.py, ``--step-seconds`` steps,
-   a breaking step run twice) on a system this command starts, with the fake OpenAI at 0 ms;
-   its baseline is the plan's target (100 msg/min).
+5. the whole system's sustainable rate: the load ladder (ladder.py: ``--step-seconds`` steps,
+   a breaking step run twice, then ``--refine`` steps between the last rate that held and the
+   first that broke) on a system this command starts, with the fake OpenAI at 0 ms; its
+   baseline is the plan's target (100 msg/min).
 
 Each figure is a median with its spread (p25-p75 where we hold the samples, else p99) and a
 ratio against its baseline. ``--json``: the same as one JSON object on the last line.
@@ -32,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from . import report
+from . import ladder, report
 from .runner import Runner, Slo, StepPlan
 from .scenarios import Scenario
 from .schedule import constant
@@ -215,35 +216,34 @@ async def llm_rows(rd: str, latency_ms: float, calls: int, workdir: Path) -> lis
 
 
 async def system_row(
-    step_seconds: float, rates: list[float], workdir: Path, progress: bool
+    step_seconds: float, rates: list[float], refine: int, workdir: Path, progress: bool
 ) -> dict[str, Any]:
     from .stack import Stack
 
+    def show(step: dict[str, Any]) -> None:
+        print(
+            f"  ladder {step['offered_rate']:g} msg/s: pipeline p50/p99 {step['pipeline_ms']['p50']}/"
+            f"{step['pipeline_ms']['p99']} ms, errors {step['error_rate']:.2%}, lost {step['lost']}, "
+            f"dup {step['duplicate_sends']}: {'holds' if step['slo']['holds'] else 'breaks'}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     stack = Stack(workdir, openai_latency_ms=0.0)
-    steps: list[dict[str, Any]] = []
     async with (
         stack as target,
         Runner(
             target, Scenario(seed=11, run_tag=int(time.time()) % 10_000), slo=Slo(), progress=progress
         ) as runner,
     ):
-        for i, rate in enumerate(rates):
-            plan = StepPlan(f"{rate:g}/s", constant(rate, step_seconds))
-            step = await runner.run_step(plan, seed=i)
-            if not step["slo"]["holds"]:  # as the ladder does: a step breaks only if it breaks twice
-                await asyncio.sleep(5.0)
-                step = await runner.run_step(plan, seed=100 + i)
-            steps.append(step)
-            print(
-                f"  ladder {rate:g} msg/s: pipeline p50/p99 {step['pipeline_ms']['p50']}/"
-                f"{step['pipeline_ms']['p99']} ms, errors {step['error_rate']:.2%}, lost {step['lost']}, "
-                f"dup {step['duplicate_sends']}: {'holds' if step['slo']['holds'] else 'breaks'}",
-                file=sys.stderr,
-                flush=True,
-            )
-            if not step["slo"]["holds"]:
-                break
-            await asyncio.sleep(2.0)
+        steps = await ladder.climb(
+            lambda rate, seed: runner.run_step(
+                StepPlan(f"{rate:g}/s", constant(rate, step_seconds)), seed=seed
+            ),
+            rates,
+            refine=refine,
+            on_step=show,
+        )
     best = report.sustainable(steps)
     value: dict[str, Any] = {"median": best["offered_rate"] if best else 0.0}
     if best:
@@ -313,7 +313,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_system:
             print("bench: whole-system ladder ...", file=sys.stderr, flush=True)
             rates = [float(x) for x in args.system_rates.split(",") if x.strip()]
-            rows.append(await system_row(args.step_seconds, rates, workdir / "system", not args.no_progress))
+            rows.append(
+                await system_row(
+                    args.step_seconds, rates, args.refine, workdir / "system", not args.no_progress
+                )
+            )
     finally:
         if started is not None:
             started.stop()
@@ -330,6 +334,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--system-rates", default="2,10,25,50,100,250,500,1000", help="ladder steps, msg/s")
     parser.add_argument("--step-seconds", type=float, default=15.0, help="duration of each ladder step")
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        metavar="N",
+        help="ladder steps after the first break, halving the gap to the last rate that held (default 2)",
+    )
     parser.add_argument("--skip-system", action="store_true", help="no whole-system ladder")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")

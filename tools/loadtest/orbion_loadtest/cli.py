@@ -10,8 +10,8 @@
 
 Without ``--gateway-url`` the command starts everything itself (stack.py): a JetStream server
 of its own, Postgres and Redis as configured (``ORBION_*_URL``) or from ``orbion infra``, a
-fresh database, the fakes and the five services. Owns argument parsing and the sequence of
-steps; measuring is runner.py's, formatting report.py's.
+fresh database, the fakes and the five services. Owns argument parsing; which step
+comes next is ladder.py's, measuring runner.py's, formatting report.py's.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from . import report
+from . import ladder, report
 from .fakes import repo_root
 from .runner import Runner, Slo, StepPlan
 from .scenarios import Scenario
@@ -113,18 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
             "--pid", action="append", default=[], metavar="NAME=PID", help="a service's pid (psutil)"
         )
 
-    ladder = sub.add_parser("ladder", help="steps up the rate until the SLO breaks")
-    common(ladder)
-    ladder.add_argument("--minute-steps", default="10,50,100,200", help="the plan's msg/min steps")
-    ladder.add_argument("--second-steps", default="10,50,100,250,500,1000,2000", help="then msg/s steps")
-    ladder.add_argument("--step-seconds", type=float, default=30.0, help="duration of each step (default 30)")
-    ladder.add_argument("--max-rate", type=float, default=0.0, help="stop after this msg/s")
-    ladder.add_argument("--keep-going", action="store_true", help="run every step even after the SLO broke")
-    ladder.add_argument(
+    ladder_cmd = sub.add_parser("ladder", help="steps up the rate until the SLO breaks")
+    common(ladder_cmd)
+    ladder_cmd.add_argument("--minute-steps", default="10,50,100,200", help="the plan's msg/min steps")
+    ladder_cmd.add_argument("--second-steps", default="10,50,100,250,500,1000,2000", help="then msg/s steps")
+    ladder_cmd.add_argument(
+        "--step-seconds", type=float, default=30.0, help="duration of each step (default 30)"
+    )
+    ladder_cmd.add_argument("--max-rate", type=float, default=0.0, help="stop after this msg/s")
+    ladder_cmd.add_argument(
+        "--keep-going", action="store_true", help="run every step even after the SLO broke"
+    )
+    ladder_cmd.add_argument(
         "--no-confirm",
         dest="confirm",
         action="store_false",
         help="a step that breaks is not run a second time",
+    )
+    ladder_cmd.add_argument(
+        "--refine",
+        type=int,
+        default=3,
+        metavar="N",
+        help="after the first break, up to N steps halving the gap between the highest rate that "
+        "held and the lowest that broke (default 3; 0: none)",
     )
 
     soak = sub.add_parser("soak", help="a fixed rate for N minutes")
@@ -172,15 +184,15 @@ def plans(args: argparse.Namespace) -> list[StepPlan]:
             after=args.around_seconds,
         )
         return [StepPlan(f"spike {args.rate:g}->{args.rate * args.factor:g}/s", segments, args.poisson)]
-    per_minute = _floats(args.minute_steps)
-    out = []
-    for rate in ladder_rates(per_minute, _floats(args.second_steps)):
-        if args.max_rate and rate > args.max_rate:
-            break
-        minutes = [m for m in per_minute if abs(m / 60 - rate) < 1e-9]
-        name = f"{minutes[0]:g}/min" if minutes else f"{rate:g}/s"
-        out.append(StepPlan(name, constant(rate, args.step_seconds), args.poisson))
-    return out
+    rates = ladder_rates(_floats(args.minute_steps), _floats(args.second_steps))
+    return [ladder_plan(args, r) for r in rates if not args.max_rate or r <= args.max_rate]
+
+
+def ladder_plan(args: argparse.Namespace, rate: float) -> StepPlan:
+    """A ladder step: named in msg/min when it is one of the plan's per-minute steps."""
+    minutes = [m for m in _floats(args.minute_steps) if abs(m / 60 - rate) < 1e-9]
+    name = f"{minutes[0]:g}/min" if minutes else f"{rate:g}/s"
+    return StepPlan(name, constant(rate, args.step_seconds), args.poisson)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,25 +250,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             progress=not args.no_progress,
             seed=args.seed,
         ) as runner:
-            for i, plan in enumerate(plans(args)):
-                result = await runner.run_step(plan, seed=args.seed + i)
-                if args.command == "ladder" and not result["slo"]["holds"] and args.confirm:
-                    # A shared machine has hiccups: a step breaks only if it breaks twice in a row.
-                    print(_line(result) + " -> running it again", file=sys.stderr, flush=True)
-                    first = result
-                    await asyncio.sleep(5.0)
-                    result = await runner.run_step(plan, seed=args.seed + 100 + i)
-                    result["first_attempt"] = {
-                        "reasons": first["slo"]["reasons"],
-                        "pipeline_ms": first["pipeline_ms"],
-                    }
+
+            def record(result: dict[str, Any]) -> None:
                 steps.append(result)
                 report.append_step(folder, result)
                 report.write(folder, meta, steps)
                 print(_line(result), file=sys.stderr, flush=True)
-                if args.command == "ladder" and not result["slo"]["holds"] and not args.keep_going:
-                    break
-                await asyncio.sleep(2.0)
+
+            if args.command == "ladder":
+                await ladder.climb(
+                    lambda rate, seed: runner.run_step(ladder_plan(args, rate), seed=seed),
+                    [plan.offered_rate for plan in plans(args)],
+                    confirm=args.confirm,
+                    keep_going=args.keep_going,
+                    refine=args.refine,
+                    seed=args.seed,
+                    on_step=record,
+                )
+            else:
+                (plan,) = plans(args)
+                record(await runner.run_step(plan, seed=args.seed))
     finally:
         if stack is not None:
             await stack.stop()
@@ -295,6 +308,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _line(s: dict[str, Any]) -> str:
     verdict = "holds" if s["slo"]["holds"] else "BREAKS (" + "; ".join(s["slo"]["reasons"]) + ")"
+    if "first_attempt" in s:
+        verdict += " (run twice: it broke the first time)"
     return (
         f"{s['step']:>10}: {s['sent']} sent, {s['ack_rate']:g} acked/s, {s['reply_rate']:g} replies/s, "
         f"errors {s['error_rate']:.2%}, "

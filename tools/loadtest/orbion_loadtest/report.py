@@ -110,6 +110,7 @@ def sustainable(steps: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 def markdown(meta: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], plots: Sequence[str]) -> str:
     m = meta["machine"]
+    steps = sorted(steps, key=lambda s: s["offered_rate"])  # a refined ladder runs some steps out of order
     lines = [
         f"# ORBION load test: {meta['mode']}",
         "",
