@@ -13,6 +13,7 @@ import os
 import subprocess
 
 import asyncpg
+import nats
 import pytest
 
 from orbion_loadtest import report, stack
@@ -39,6 +40,15 @@ def urls(request) -> tuple[str, str]:
     return found[0], found[1]
 
 
+async def ephemeral_consumers(nats_url: str, stream: str) -> list[str]:
+    nc = await nats.connect(nats_url)
+    try:
+        infos = await nc.jetstream().consumers_info(stream)
+    finally:
+        await nc.close()
+    return [c.name for c in infos if not c.config.durable_name]
+
+
 @pytest.mark.slow
 async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_it(urls, tmp_path):
     database_url, redis_url = urls
@@ -50,7 +60,12 @@ async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_i
         ) as runner,
     ):
         step = await runner.run_step(StepPlan("smoke 4/s", constant(4.0, 3.0)))
+        left = await ephemeral_consumers(target.nats_url, target.stream)
 
+    # The relay's share is read from JetStream through an ephemeral consumer, deleted with the
+    # read: not left behind, counting the next step's messages.
+    assert step["stages_ms"]["relayed"]["count"] > 0, step["stages_ms"]
+    assert left == []
     assert step["sent"] == 12
     assert step["errors"] == 0, step["error_kinds"]
     assert step["replies_due"] > 0

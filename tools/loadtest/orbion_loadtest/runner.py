@@ -138,18 +138,24 @@ async def jetstream_times(
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start,
                                   inactive_threshold=30.0),
         )  # fmt: skip
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=1.0)
-            except nats.errors.TimeoutError:
-                break
-            for m in msgs:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    key = orjson.loads(m.data)["payload"]["reply_key"]
-                    out[key] = m.metadata.timestamp.timestamp()
-            if len(msgs) < 500:
-                break
-        await sub.unsubscribe()
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(500, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    break
+                for m in msgs:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        key = orjson.loads(m.data)["payload"]["reply_key"]
+                        out[key] = m.metadata.timestamp.timestamp()
+                if len(msgs) < 500:
+                    break
+        finally:
+            # Deleted now, not left to its inactivity threshold: until then the server keeps
+            # counting the next step's messages for it, and the monitor lists it with that backlog.
+            with contextlib.suppress(nats.errors.Error):
+                await js.delete_consumer(stream, (await sub.consumer_info()).name)
+            await sub.unsubscribe()
     finally:
         await nc.close()
     return out
