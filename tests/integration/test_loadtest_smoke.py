@@ -66,6 +66,10 @@ async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_i
     # read: not left behind, counting the next step's messages.
     assert step["stages_ms"]["relayed"]["count"] > 0, step["stages_ms"]
     assert left == []
+    # Every service's durable consumer is listed with what it had left once the replies were in.
+    backlog = step["backlog_after_drain"]
+    assert {"conversation", "lead-events", "llm-proxy-replies"} <= set(backlog), backlog
+    assert all(isinstance(n, int) and n >= 0 for n in backlog.values())
     assert step["sent"] == 12
     assert step["errors"] == 0, step["error_kinds"]
     assert step["replies_due"] > 0

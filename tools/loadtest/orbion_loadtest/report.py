@@ -98,6 +98,13 @@ def _rate(r: float) -> str:
     return f"{r:g}" if r >= 1 else f"{r:.2f}"
 
 
+def _backlog(backlog: Mapping[str, int] | None) -> str:
+    if backlog is None:
+        return "–"
+    left = [f"{name} {n}" for name, n in sorted(backlog.items()) if n]
+    return ", ".join(left) or "none"
+
+
 def sustainable(steps: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The highest-rate step that held its SLO before the first one that broke it."""
     best = None
@@ -172,9 +179,10 @@ def markdown(meta: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], plots:
     lines += ["", "## Correctness per step", ""]
     lines.append(
         "| step | due replies | covered | lost | duplicate sends | unwanted | throttled | dup webhooks "
-        "| verification asked | missing in history (sampled) | reply sources | drain s |"
+        "| verification asked | missing in history (sampled) | reply sources | drain s "
+        "| backlog after drain |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|")
     for s in steps:
         h = s.get("missing_in_history") or {}
         lines.append(
@@ -184,7 +192,7 @@ def markdown(meta: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], plots:
             f"| {s['verification_questions']} "
             f"| {h.get('missing', 0)} of {h.get('checked_contacts', 0)} contacts "
             f"| {', '.join(f'{k} {v}' for k, v in sorted(s['reply_sources'].items()))} "
-            f"| {s.get('drain_seconds', '–')} |"
+            f"| {s.get('drain_seconds', '–')} | {_backlog(s.get('backlog_after_drain'))} |"
         )
     staged = [s for s in steps if (s.get("stages_ms") or {}).get("replies")]
     if staged:

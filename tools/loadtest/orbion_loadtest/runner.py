@@ -161,6 +161,20 @@ async def jetstream_times(
     return out
 
 
+async def consumer_backlogs(nats_url: str, stream: str) -> dict[str, int]:
+    """Events each durable consumer of ``stream`` has not handled yet: not delivered, or
+    delivered and not acked. What is left once a step's replies are in says whether every
+    service kept up, the ones off the reply path (the lead) included."""
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=0)
+    try:
+        infos = await nc.jetstream().consumers_info(stream)
+    finally:
+        await nc.close()
+    return {c.name: (c.num_pending or 0) + (c.num_ack_pending or 0) for c in infos if c.config.durable_name}
+
+
 async def stage_times(
     database_url: str, since_epoch: float, *, nats_url: str = "", stream: str = ""
 ) -> dict[str, Any]:
@@ -574,6 +588,7 @@ class Runner:
                     await asyncio.sleep(0.5)
                 drained = loop.time()
                 await asyncio.sleep(self.settle)
+                backlog = await self.backlogs()
                 await sends.poll()
             finally:
                 tick.cancel()
@@ -637,6 +652,7 @@ class Runner:
             "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         result["monitor"] = await self.monitor_snapshot()
+        result["backlog_after_drain"] = backlog
         if self.target.database_url:
             result["stages_ms"] = await stage_times(
                 self.target.database_url, epoch0, nats_url=self.target.nats_url, stream=self.target.stream
@@ -709,6 +725,15 @@ class Runner:
 
         await asyncio.gather(*(one(p) for p in sample))
         return {"checked_contacts": len(sample), "missing": len(missing), "examples": missing[:10]}
+
+    async def backlogs(self) -> dict[str, int] | None:
+        """:func:`consumer_backlogs` of the target's stream; None when its NATS is not known."""
+        if not (self.target.nats_url and self.target.stream):
+            return None
+        try:
+            return await consumer_backlogs(self.target.nats_url, self.target.stream)
+        except Exception:  # analysis only, as the monitor's snapshot: never lose a step's figures for it
+            return None
 
     async def monitor_snapshot(self) -> dict[str, Any] | None:
         url = self.target.monitor_url

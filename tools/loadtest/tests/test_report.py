@@ -42,6 +42,19 @@ def test_the_markdown_report_names_the_machine_the_rate_and_every_step(tmp_path)
     assert (tmp_path / "summary.json").exists()
 
 
+def test_the_report_names_what_each_consumer_had_left_once_the_replies_were_in(tmp_path):
+    meta = {"mode": "ladder", "machine": report.machine(), "slo": {"p99_ms": 1000.0, "error_rate": 0.001},
+            "quiet_period_s": 1.5, "settings": {}}  # fmt: skip
+    kept_up = step(100, True) | {"backlog_after_drain": {"conversation": 0, "lead-events": 0}}
+    behind = step(400, True) | {"backlog_after_drain": {"conversation": 0, "lead-events": 1722}}
+    unknown = step(10, True)  # a running system whose NATS the tool was not given
+    text = report.write(tmp_path, meta, [behind, kept_up, unknown]).read_text()
+    correctness = text.split("## Correctness per step")[1].split("##")[0]
+    rows = [line for line in correctness.splitlines() if line.startswith("| ") and "/s |" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| 10/s", "| 100/s", "| 400/s"]  # by rate
+    assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["–", "none", "lead-events 1722"]
+
+
 def test_process_and_cache_figures_are_read_from_prometheus_text():
     text = (
         "process_resident_memory_bytes 1.048576e+08\n"
