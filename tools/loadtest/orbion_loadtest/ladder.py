@@ -82,12 +82,12 @@ async def climb(
             break
     for extra in range(refine):
         best = report.sustainable(steps)
+        if best is None:
+            break
         above = [
-            s["offered_rate"]
-            for s in steps
-            if not _held(s) and (best is None or s["offered_rate"] > best["offered_rate"])
+            s["offered_rate"] for s in steps if not _held(s) and s["offered_rate"] > best["offered_rate"]
         ]
-        if best is None or not above:
+        if not above:
             break
         between = refine_rate(best["offered_rate"], min(above))
         if between is None:
