@@ -179,10 +179,10 @@ def markdown(meta: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], plots:
     lines += ["", "## Correctness per step", ""]
     lines.append(
         "| step | due replies | covered | lost | duplicate sends | unwanted | throttled | dup webhooks "
-        "| verification asked | missing in history (sampled) | reply sources | drain s "
+        "| verification asked | missing in history (sampled) | reply sources | waited before s | drain s "
         "| backlog after drain |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|")
     for s in steps:
         h = s.get("missing_in_history") or {}
         lines.append(
@@ -192,7 +192,8 @@ def markdown(meta: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], plots:
             f"| {s['verification_questions']} "
             f"| {h.get('missing', 0)} of {h.get('checked_contacts', 0)} contacts "
             f"| {', '.join(f'{k} {v}' for k, v in sorted(s['reply_sources'].items()))} "
-            f"| {s.get('drain_seconds', '–')} | {_backlog(s.get('backlog_after_drain'))} |"
+            f"| {s.get('waited_for_backlog_s', '–')} | {s.get('drain_seconds', '–')} "
+            f"| {_backlog(s.get('backlog_after_drain'))} |"
         )
     staged = [s for s in steps if (s.get("stages_ms") or {}).get("replies")]
     if staged:

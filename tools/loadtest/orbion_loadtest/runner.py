@@ -16,7 +16,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -173,6 +173,21 @@ async def consumer_backlogs(nats_url: str, stream: str) -> dict[str, int]:
     finally:
         await nc.close()
     return {c.name: (c.num_pending or 0) + (c.num_ack_pending or 0) for c in infos if c.config.durable_name}
+
+
+async def wait_for_backlogs(
+    read: Callable[[], Awaitable[dict[str, int] | None]], *, limit: float, interval: float = 0.5
+) -> float:
+    """Wait until no consumer has a backlog (``read`` returns all zeros, or None: unknown), for
+    at most ``limit`` seconds; returns how long it waited."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < limit:
+        backlog = await read()
+        if not backlog or not any(backlog.values()):
+            break
+        await asyncio.sleep(interval)
+    return round(loop.time() - started, 2)
 
 
 async def stage_times(
@@ -484,6 +499,9 @@ class Runner:
         return out
 
     async def run_step(self, plan: StepPlan, *, seed: int = 0) -> dict[str, Any]:
+        # A step after one past the limit would otherwise start while the services off the reply
+        # path (the lead) still work off that step's events, and share the cores with them.
+        waited = await wait_for_backlogs(self.backlogs, limit=self.drain_max)
         load_before = os.getloadavg()[0]
         planned = self.scenario.plan(arrivals(plan.segments, poisson=plan.poisson, seed=seed))
         bodies = self._bodies(planned)
@@ -653,6 +671,7 @@ class Runner:
         }
         result["monitor"] = await self.monitor_snapshot()
         result["backlog_after_drain"] = backlog
+        result["waited_for_backlog_s"] = waited
         if self.target.database_url:
             result["stages_ms"] = await stage_times(
                 self.target.database_url, epoch0, nats_url=self.target.nats_url, stream=self.target.stream
