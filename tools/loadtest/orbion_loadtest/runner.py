@@ -176,16 +176,24 @@ async def consumer_backlogs(nats_url: str, stream: str) -> dict[str, int]:
 
 
 async def wait_for_backlogs(
-    read: Callable[[], Awaitable[dict[str, int] | None]], *, limit: float, interval: float = 0.5
+    read: Callable[[], Awaitable[dict[str, int] | None]],
+    *,
+    limit: float,
+    stall: float = 10.0,
+    interval: float = 0.5,
 ) -> float:
     """Wait until no consumer has a backlog (``read`` returns all zeros, or None: unknown), for
-    at most ``limit`` seconds; returns how long it waited."""
+    at most ``limit`` seconds, and no longer than ``stall`` seconds without the backlog
+    shrinking (a consumer nobody runs never works it off); returns how long it waited."""
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    while loop.time() - started < limit:
+    started = progressed = loop.time()
+    smallest: int | None = None
+    while loop.time() - started < limit and loop.time() - progressed < stall:
         backlog = await read()
         if not backlog or not any(backlog.values()):
             break
+        if smallest is None or sum(backlog.values()) < smallest:
+            smallest, progressed = sum(backlog.values()), loop.time()
         await asyncio.sleep(interval)
     return round(loop.time() - started, 2)
 

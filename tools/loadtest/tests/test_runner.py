@@ -30,7 +30,14 @@ async def test_no_backlog_or_an_unknown_one_starts_the_step_at_once():
         assert read.count == 1
 
 
-async def test_a_backlog_that_never_clears_is_waited_for_at_most_the_limit():
-    read = Backlogs({"lead-events": 5})
-    waited = await wait_for_backlogs(read, limit=0.05, interval=0.01)
+async def test_a_backlog_that_keeps_shrinking_is_waited_for_at_most_the_limit():
+    read = Backlogs(*({"lead-events": n} for n in range(1000, 0, -1)))
+    waited = await wait_for_backlogs(read, limit=0.05, stall=1, interval=0.01)
+    assert 0.05 <= waited < 0.5
+
+
+async def test_a_backlog_that_stops_shrinking_is_not_waited_for_longer_than_the_stall():
+    # A durable consumer that no running service reads: its backlog never moves.
+    read = Backlogs({"lead-events": 0, "forgotten": 7})
+    waited = await wait_for_backlogs(read, limit=10, stall=0.05, interval=0.01)
     assert 0.05 <= waited < 0.5
