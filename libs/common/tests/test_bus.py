@@ -5,6 +5,7 @@ import logging
 from datetime import UTC, datetime
 
 import pytest
+from nats.js import JetStreamContext
 
 from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
 from orbion_common.events import MessageReceived
@@ -238,6 +239,36 @@ async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving
     # are idempotent), and message 2 is not lost.
     await wait_for(lambda: "message 2" in received, within=15)
     assert received[0] == "message 1"
+
+
+async def test_after_an_idle_fetch_the_consumer_asks_for_one_message_then_for_a_batch(
+    bus, unique, monkeypatch
+):
+    # nats-py's batch fetch may hold a message that ends an idle spell until its pull expires;
+    # a fetch of one returns with it (see Bus._consume_forever).
+    sizes: list[int] = []
+    fetch = JetStreamContext.PullSubscription.fetch
+
+    async def recording_fetch(self, batch=1, **options):
+        sizes.append(batch)
+        return await fetch(self, batch, **options)
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", recording_fetch)
+    handled: list[str] = []
+
+    async def handler(event, delivery):
+        handled.append(event.payload.text)
+
+    spec = ConsumerSpec(
+        durable=f"idle{unique}", event_types=("MessageReceived",), batch_size=16, fetch_timeout_seconds=0.2
+    )
+    bus.consume(spec, handler)
+    await wait_for(lambda: len(sizes) >= 2)  # the first fetch found nothing and timed out
+    await bus.publish_all([inbound("5511", n) for n in range(3)])
+    await wait_for(lambda: len(handled) == 3)
+    assert sizes[:2] == [16, 1]  # a batch at first, one after the idle fetch
+    assert 16 in sizes[2:]  # and a batch again once a message came
+    assert handled == ["message 0", "message 1", "message 2"]
 
 
 async def test_two_systems_on_one_server_do_not_see_each_others_events(bus, nats_url, unique):
