@@ -166,26 +166,28 @@ def _pairs(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def plans(args: argparse.Namespace) -> list[StepPlan]:
+def run_plan(args: argparse.Namespace) -> StepPlan:
+    """The one step of a soak or a spike."""
     if args.command == "soak":
-        return [
-            StepPlan(
-                f"soak {args.rate:g}/s x {args.minutes:g} min",
-                constant(args.rate, args.minutes * 60),
-                args.poisson,
-            )
-        ]
-    if args.command == "spike":
-        segments = spike(
-            args.rate,
-            factor=args.factor,
-            before=args.around_seconds,
-            spike_seconds=args.spike_seconds,
-            after=args.around_seconds,
+        return StepPlan(
+            f"soak {args.rate:g}/s x {args.minutes:g} min",
+            constant(args.rate, args.minutes * 60),
+            args.poisson,
         )
-        return [StepPlan(f"spike {args.rate:g}->{args.rate * args.factor:g}/s", segments, args.poisson)]
+    segments = spike(
+        args.rate,
+        factor=args.factor,
+        before=args.around_seconds,
+        spike_seconds=args.spike_seconds,
+        after=args.around_seconds,
+    )
+    return StepPlan(f"spike {args.rate:g}->{args.rate * args.factor:g}/s", segments, args.poisson)
+
+
+def ladder_steps(args: argparse.Namespace) -> list[float]:
+    """The ladder's rates in msg/s, up to ``--max-rate``."""
     rates = ladder_rates(_floats(args.minute_steps), _floats(args.second_steps))
-    return [ladder_plan(args, r) for r in rates if not args.max_rate or r <= args.max_rate]
+    return [r for r in rates if not args.max_rate or r <= args.max_rate]
 
 
 def ladder_plan(args: argparse.Namespace, rate: float) -> StepPlan:
@@ -260,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.command == "ladder":
                 await ladder.climb(
                     lambda rate, seed: runner.run_step(ladder_plan(args, rate), seed=seed),
-                    [plan.offered_rate for plan in plans(args)],
+                    ladder_steps(args),
                     confirm=args.confirm,
                     keep_going=args.keep_going,
                     refine=args.refine,
@@ -268,8 +270,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     on_step=record,
                 )
             else:
-                (plan,) = plans(args)
-                record(await runner.run_step(plan, seed=args.seed))
+                record(await runner.run_step(run_plan(args), seed=args.seed))
     finally:
         if stack is not None:
             await stack.stop()
