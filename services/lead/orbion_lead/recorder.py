@@ -2,8 +2,8 @@
 
 ``record`` = claim the input (if any) + lock and load the lead + decide (``domain``) + append
 the events after the lead's version + update the projection and the verification timer, all
-in one transaction; after the commit: write the lead through to the cache and wake the relay
-(which publishes the new events: handlers never publish). A crash before the commit leaves
+in one transaction; after the commit: write the lead through to the cache and hand the new
+events to the relay (which publishes them: handlers never publish). A crash before the commit leaves
 nothing; a crash after it is a redelivery that the claim absorbs. ``record`` returns only
 after the commit, so the bus acks only then.
 
@@ -68,6 +68,8 @@ BATCH_SIZE = Histogram(
 BATCH_RETRIES = Counter("orbion_lead_batch_retries_total", "Batches retried item by item after a failure")
 
 Decide = Callable[[Lead], list[Envelope]]
+# Called after each commit with the events it stored, in order, and each one's trace context.
+OnCommit = Callable[[Sequence[Envelope], Sequence[str | None]], None]
 
 # A lost race on a new lead (two writers creating version 1) is decided again; more than a
 # few losses in a row means something else is wrong, and the error surfaces.
@@ -83,6 +85,7 @@ class Recorded:
     lead: Lead
     events: Sequence[Envelope] = ()
     state: bytes = b""  # the lead's JSON when events were appended
+    trace: str | None = None  # the trace context its events were stored with
 
 
 @dataclass(eq=False)
@@ -115,7 +118,7 @@ class LeadRecorder:
         store: LeadStore,
         cache: VersionedCache[bytes] | None = None,
         *,
-        on_commit: Callable[[], None] | None = None,
+        on_commit: OnCommit | None = None,
         max_batch: int = 256,
         commit_interval: float = COMMIT_INTERVAL_SECONDS,
         # About 3.6 kB a lead: 4,000 hold the contacts active in the last half minute at 250
@@ -125,7 +128,7 @@ class LeadRecorder:
         self.pool = pool
         self.store = store
         self.cache = cache
-        self.on_commit = on_commit  # Relay.wake
+        self.on_commit = on_commit  # hands the events to the relay
         self.max_batch = max_batch
         self.commit_interval = commit_interval
         self._last_start = -commit_interval  # idle so far: the first record starts at once
@@ -291,9 +294,10 @@ class LeadRecorder:
                     after = domain.evolve(after, event)
             if events:
                 state = after.model_dump_json().encode()
-                changes.append(Change(after, state, events, trace_context(work.context)))
+                trace = trace_context(work.context)
+                changes.append(Change(after, state, events, trace))
                 timers.append((before, after))
-                results[id(work)] = Recorded(after, events, state)
+                results[id(work)] = Recorded(after, events, state, trace)
             else:
                 results[id(work)] = Recorded(after)
         await self.store.append_and_project(conn, changes)
@@ -323,7 +327,9 @@ class LeadRecorder:
             for event in result.events:
                 LEAD_EVENTS.labels(event.type).inc()
         if self.on_commit is not None:
-            self.on_commit()
+            self.on_commit(
+                [e for r in changed for e in r.events], [r.trace for r in changed for _ in r.events]
+            )
 
     async def _write_through(self, results: Sequence[Recorded]) -> None:
         cache = self.cache

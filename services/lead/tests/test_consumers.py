@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
 import pytest
 from asyncpg.connection import LoggedQuery
 from lead_builders import at, inbound, lead_settings, new_phone, reply, sent
@@ -313,6 +314,47 @@ async def test_each_input_of_a_group_stores_its_events_in_its_own_trace(
     traces = await _stored(service, schema, phones, "trace_context")
     assert [len(t) for t in traces.values()] == [1, 1]
     assert f"{0xA1:032x}" in traces[phones[0]].pop() and f"{0xB2:032x}" in traces[phones[1]].pop()
+
+
+async def test_the_recorder_hands_what_each_commit_stored_to_its_relay_in_order_with_traces(
+    service: Service, schema: str
+) -> None:
+    handed: list[tuple[list[str], list[str | None]]] = []
+    recorder = LeadRecorder(
+        service.pool,
+        service.store,
+        None,
+        on_commit=lambda events, traces: handed.append(([e.event_id for e in events], list(traces))),
+    )
+    phones = [new_phone() for _ in range(2)]
+
+    async def record_in_trace(phone: str, trace_id: int) -> None:
+        message = inbound(phone, "Oi")
+        token = otel_context.attach(_in_trace(trace_id))
+        try:
+            await recorder.record(phone, lambda lead: domain.on_message_received(lead, message))
+        finally:
+            otel_context.detach(token)
+
+    await asyncio.gather(record_in_trace(phones[0], 0xA1), record_in_trace(phones[1], 0xB2))
+    await recorder.record(phones[0], lambda lead: domain.on_message_sent(lead, sent(phones[0])))
+    async with service.pool.acquire() as conn:
+        rows = await conn.fetch(
+            f'SELECT event_id, stream_id, trace_context::text AS trace FROM "{schema}".events '
+            "WHERE stream_id = ANY($1) ORDER BY position",
+            phones,
+        )
+    # One hand-over per commit (the group of both first messages, then the send), in the
+    # store's order, each event with the trace context it was stored with.
+    assert [len(ids) for ids, _ in handed] == [len(rows) - 1, 1]
+    assert [i for ids, _ in handed for i in ids] == [r["event_id"] for r in rows]
+    traces = [t for _, ts in handed for t in ts]
+    assert [orjson.loads(t) if t else None for t in traces] == [
+        orjson.loads(r["trace"]) if r["trace"] else None for r in rows
+    ]
+    expected = {phones[0]: f"{0xA1:032x}", phones[1]: f"{0xB2:032x}"}
+    assert all(expected[r["stream_id"]] in (t or "") for r, t in zip(rows[:-1], traces, strict=False))
+    assert traces[-1] is None  # the send was recorded outside any trace
 
 
 async def test_a_busy_recorder_commits_at_most_once_per_interval_and_an_idle_one_at_once(
