@@ -3,9 +3,9 @@
 ``record`` = claim the input (if any) + lock and load the lead + decide (``domain``) + append
 the events after the lead's version + update the projection and the verification timer, all
 in one transaction; after the commit: write the lead through to the cache and hand the new
-events to the relay (which publishes them: handlers never publish). A crash before the commit leaves
-nothing; a crash after it is a redelivery that the claim absorbs. ``record`` returns only
-after the commit, so the bus acks only then.
+events to the relay (which publishes them: handlers never publish). A crash before the
+commit leaves nothing; a crash after it is a redelivery that the claim absorbs. ``record``
+returns only after the commit, so the bus acks only then.
 
 Group commit: the bus hands over up to a batch of events at once, different contacts
 concurrently. Concurrent ``record`` calls are gathered (one per contact at a time, in

@@ -283,6 +283,16 @@ def _in_trace(trace_id: int) -> otel_context.Context:
     return trace.set_span_in_context(span)
 
 
+async def _first_message_in_trace(recorder: LeadRecorder, phone: str, trace_id: int) -> None:
+    """Record a contact's first message in a sampled trace of ``trace_id``."""
+    message = inbound(phone, "Oi")
+    token = otel_context.attach(_in_trace(trace_id))
+    try:
+        await recorder.record(phone, lambda lead: domain.on_message_received(lead, message))
+    finally:
+        otel_context.detach(token)
+
+
 async def _stored(service: Service, schema: str, phones: list[str], column: str) -> dict[str, set[str]]:
     """``column`` of each phone's stored events, as text."""
     async with service.pool.acquire() as conn:
@@ -299,16 +309,10 @@ async def test_each_input_of_a_group_stores_its_events_in_its_own_trace(
     service: Service, schema: str
 ) -> None:
     phones = [new_phone() for _ in range(2)]
-
-    async def record_in_trace(phone: str, trace_id: int) -> None:
-        message = inbound(phone, "Oi")
-        token = otel_context.attach(_in_trace(trace_id))
-        try:
-            await service.recorder.record(phone, lambda lead: domain.on_message_received(lead, message))
-        finally:
-            otel_context.detach(token)
-
-    await asyncio.gather(record_in_trace(phones[0], 0xA1), record_in_trace(phones[1], 0xB2))
+    await asyncio.gather(
+        _first_message_in_trace(service.recorder, phones[0], 0xA1),
+        _first_message_in_trace(service.recorder, phones[1], 0xB2),
+    )
     tx_ids = await _stored(service, schema, phones, "tx_id")
     assert tx_ids[phones[0]] == tx_ids[phones[1]]  # one group, one transaction
     traces = await _stored(service, schema, phones, "trace_context")
@@ -327,16 +331,9 @@ async def test_the_recorder_hands_what_each_commit_stored_to_its_relay_in_order_
         on_commit=lambda events, traces: handed.append(([e.event_id for e in events], list(traces))),
     )
     phones = [new_phone() for _ in range(2)]
-
-    async def record_in_trace(phone: str, trace_id: int) -> None:
-        message = inbound(phone, "Oi")
-        token = otel_context.attach(_in_trace(trace_id))
-        try:
-            await recorder.record(phone, lambda lead: domain.on_message_received(lead, message))
-        finally:
-            otel_context.detach(token)
-
-    await asyncio.gather(record_in_trace(phones[0], 0xA1), record_in_trace(phones[1], 0xB2))
+    await asyncio.gather(
+        _first_message_in_trace(recorder, phones[0], 0xA1), _first_message_in_trace(recorder, phones[1], 0xB2)
+    )
     await recorder.record(phones[0], lambda lead: domain.on_message_sent(lead, sent(phones[0])))
     async with service.pool.acquire() as conn:
         rows = await conn.fetch(
