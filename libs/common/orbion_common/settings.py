@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ORBION_"
@@ -25,6 +26,10 @@ class CommonSettings(BaseSettings):
     """Variables every service understands (prefix ``ORBION_``)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # Key prefixes that, left empty, are ORBION_REDIS_KEY_PREFIX plus this suffix: two systems
+    # sharing one Redis (staging and tests, a load test beside a running system) then share no
+    # rate-limit bucket and no cached entry.
+    PREFIXES_UNDER_REDIS_KEY_PREFIX: ClassVar[dict[str, str]] = {"rate_limit_prefix": "rl"}
 
     mode: Mode = Field(Mode.DEVELOPMENT, description="`production` refuses to start without secrets.")
     nats_url: str = Field("", description="NATS server URL; empty: `orbion up` starts a local one.")
@@ -48,7 +53,10 @@ class CommonSettings(BaseSettings):
     rate_limit_api_key_per_minute: int = Field(
         1000, ge=1, description="Requests per API key per minute on the `/api` routes of every service."
     )
-    rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the shared rate limiter.")
+    rate_limit_prefix: str = Field(
+        "",
+        description="Redis key prefix of the shared rate limiter; empty: `ORBION_REDIS_KEY_PREFIX` + `rl`.",
+    )
     redis_key_prefix: str = Field("orbion:", description="Prefix of every Redis key ORBION writes.")
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Structured JSON logs; false for plain text.")
@@ -69,6 +77,17 @@ class CommonSettings(BaseSettings):
         120, description="JetStream dedupe window for `Nats-Msg-Id` (the event stores dedupe for ever)."
     )
     max_deliver: int = Field(5, description="Deliveries of a failing event before it is dead-lettered.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefixes_under_the_redis_key_prefix(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        root = data.get("redis_key_prefix") or cls.model_fields["redis_key_prefix"].default
+        for name, suffix in cls.PREFIXES_UNDER_REDIS_KEY_PREFIX.items():
+            if not data.get(name):
+                data = {**data, name: f"{root}{suffix}"}
+        return data
 
     def service_port(self, service: str) -> int:
         """The configured HTTP port of ``service`` (``gateway``, ``llm-proxy``, ...)."""

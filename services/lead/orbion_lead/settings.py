@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from orbion_common.optout import OptInRule
@@ -12,6 +14,11 @@ from .recorder import COMMIT_INTERVAL_SECONDS
 
 
 class Settings(CommonSettings):
+    PREFIXES_UNDER_REDIS_KEY_PREFIX: ClassVar[dict[str, str]] = {
+        **CommonSettings.PREFIXES_UNDER_REDIS_KEY_PREFIX,
+        "lead_cache_prefix": "lead",
+    }
+
     lead_qualify_threshold: int = Field(
         70,
         ge=0,
@@ -50,7 +57,9 @@ class Settings(CommonSettings):
         description="Safety-net TTL of a cached lead: write-through keeps active leads fresh; this "
         "bounds how long a lead whose cache write failed can be served stale.",
     )
-    lead_cache_prefix: str = Field("orbion:lead", description="Redis key prefix of the lead cache.")
+    lead_cache_prefix: str = Field(
+        "", description="Redis key prefix of the lead cache; empty: `ORBION_REDIS_KEY_PREFIX` + `lead`."
+    )
     lead_timer_poll_seconds: float = Field(
         0.5,
         gt=0,
@@ -60,7 +69,6 @@ class Settings(CommonSettings):
         100, description="Requests per client IP per minute on public routes and unverified webhooks."
     )
     rate_limit_api_key_per_minute: int = Field(1000, description="Requests per API key per minute on `/api`.")
-    rate_limit_prefix: str = Field("orbion:rl", description="Redis key prefix of the rate limiter.")
     lead_consumer_batch: int = Field(
         256, ge=1, description="Events fetched per batch by the lead consumer (recorded in one transaction)."
     )
