@@ -15,6 +15,7 @@ import subprocess
 import asyncpg
 import nats
 import pytest
+from redis.asyncio import Redis
 
 from orbion_loadtest import report, stack
 from orbion_loadtest.runner import Runner, StepPlan
@@ -40,6 +41,14 @@ def urls(request) -> tuple[str, str]:
     return found[0], found[1]
 
 
+async def redis_keys(redis_url: str, pattern: str) -> list[bytes]:
+    redis = Redis.from_url(redis_url)
+    try:
+        return [key async for key in redis.scan_iter(match=pattern, count=1000)]
+    finally:
+        await redis.aclose()
+
+
 async def ephemeral_consumers(nats_url: str, stream: str) -> list[str]:
     nc = await nats.connect(nats_url)
     try:
@@ -61,6 +70,12 @@ async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_i
     ):
         step = await runner.run_step(StepPlan("smoke 4/s", constant(4.0, 3.0)))
         left = await ephemeral_consumers(target.nats_url, target.stream)
+        run_prefix = stack.redis_prefix
+        cached_leads = await redis_keys(redis_url, f"{run_prefix}lead:*")
+    # Every key of the run (caches, rate limits) lives under its prefix, removed with the run:
+    # none is left to answer, or block, the next run's same contacts on a shared Redis.
+    assert cached_leads, "the run's leads are cached under its own key prefix"
+    assert await redis_keys(redis_url, f"{run_prefix}*") == []
 
     # The relay's share is read from JetStream through an ephemeral consumer, deleted with the
     # read: not left behind, counting the next step's messages.

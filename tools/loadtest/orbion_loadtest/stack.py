@@ -291,12 +291,7 @@ class Stack:
         self.database = ""
 
     async def _clean_redis(self) -> None:
-        """Remove the run's Redis keys: its prefix, and the response-cache entries our fake wrote.
-
-        The llm-proxy's response cache keys (``orbion:llm:reply:*``) do not carry the key prefix
-        yet, so a run's cached replies (recognisable by the fake's ``[llm:N]`` marker) would
-        answer another system's generic questions on a shared Redis for an hour.
-        """
+        """Remove the run's Redis keys: every service writes under its ``ORBION_REDIS_KEY_PREFIX``."""
         from redis.asyncio import Redis
 
         redis = Redis.from_url(self.redis_url, socket_timeout=5.0)
@@ -309,10 +304,6 @@ class Stack:
                     batch.clear()
             if batch:
                 await redis.delete(*batch)
-            async for key in redis.scan_iter(match="orbion:llm:reply:*", count=1000):
-                value = await redis.get(key)
-                if value is not None and b"[llm:" in value:
-                    await redis.delete(key)
         finally:
             await redis.aclose()
         self.redis_prefix = ""
