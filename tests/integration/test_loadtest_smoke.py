@@ -76,6 +76,9 @@ async def test_a_short_open_loop_run_delivers_every_due_reply_once_and_reports_i
     # none is left to answer, or block, the next run's same contacts on a shared Redis.
     assert cached_leads, "the run's leads are cached under its own key prefix"
     assert await redis_keys(redis_url, f"{run_prefix}*") == []
+    # The run's own JetStream store goes with it; the logs stay for reading.
+    assert not (tmp_path / "stack" / "nats" / "nats").exists()
+    assert (tmp_path / "stack" / "nats" / "logs" / "nats.log").is_file()
 
     # The relay's share is read from JetStream through an ephemeral consumer, deleted with the
     # read: not left behind, counting the next step's messages.

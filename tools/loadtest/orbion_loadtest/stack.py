@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -269,6 +270,9 @@ class Stack:
         self.fakes.clear()
         if self.nats is not None:
             self.nats.stop()
+            # The run's own JetStream store (hundreds of MB after a ladder) serves nothing once
+            # the run is over; its logs, beside it, stay with the services' and the fakes'.
+            shutil.rmtree(self.nats.data_dir / "nats", ignore_errors=True)
             self.nats = None
 
     async def stop(self) -> None:
