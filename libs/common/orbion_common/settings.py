@@ -83,7 +83,7 @@ class CommonSettings(BaseSettings):
     def _prefixes_under_the_redis_key_prefix(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        root = data.get("redis_key_prefix") or cls.model_fields["redis_key_prefix"].default
+        root = data.get("redis_key_prefix", cls.model_fields["redis_key_prefix"].default)
         for name, suffix in cls.PREFIXES_UNDER_REDIS_KEY_PREFIX.items():
             if not data.get(name):
                 data = {**data, name: f"{root}{suffix}"}

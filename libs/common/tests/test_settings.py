@@ -15,6 +15,7 @@ def test_the_rate_limiter_keys_live_under_the_redis_key_prefix(monkeypatch: pyte
     monkeypatch.setenv("ORBION_REDIS_KEY_PREFIX", "staging:")
     assert CommonSettings().rate_limit_prefix == "staging:rl"
     assert CommonSettings(redis_key_prefix="test:").rate_limit_prefix == "test:rl"
+    assert CommonSettings(redis_key_prefix="").rate_limit_prefix == "rl"  # no prefix at all: none here
 
 
 def test_a_rate_limit_prefix_that_is_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
