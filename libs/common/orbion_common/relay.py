@@ -30,14 +30,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import asyncpg
 from prometheus_client import Counter, Gauge
 
 from .bus import Bus, BusUnavailable
 from .events import Envelope
-from .eventstore import Cursor, EventStore
+from .eventstore import Cursor, EventStore, parse_trace_context
 from .leadership import leadership
 
 log = logging.getLogger(__name__)
@@ -218,3 +218,15 @@ class Relay:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
         self._wake.clear()
+
+
+def stored_publisher(relay: Relay | None) -> Callable[[Sequence[Envelope], Sequence[str | None]], None]:
+    """The after-commit hook of a writer that has its events' trace contexts as it stored them
+    (:func:`~orbion_common.eventstore.trace_context`'s JSON): hands what it committed to
+    ``relay`` (:meth:`Relay.publish_committed`). Without a relay (no bus) it does nothing."""
+
+    def publish(events: Sequence[Envelope], traces: Sequence[str | None]) -> None:
+        if relay is not None:
+            relay.publish_committed(events, [parse_trace_context(t) for t in traces])
+
+    return publish

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -18,13 +17,12 @@ from redis.asyncio import Redis
 
 from orbion_common.bus import Bus, ConsumerSpec
 from orbion_common.db import create_pool
-from orbion_common.events import EVENT_TYPES, Envelope
+from orbion_common.events import EVENT_TYPES
 from orbion_common.events import lead as lead_events
-from orbion_common.eventstore import parse_trace_context
 from orbion_common.logging import configure_logging
 from orbion_common.migrations import migrate as migrate_schema
 from orbion_common.ratelimit import RateLimiter
-from orbion_common.relay import Relay
+from orbion_common.relay import Relay, stored_publisher
 from orbion_common.service import run, serve
 from orbion_common.telemetry import background_task, finish_tasks, setup_telemetry, shutdown_telemetry
 
@@ -146,13 +144,6 @@ async def build(
         if bus is not None
         else None
     )
-
-    def publish_committed(events: Sequence[Envelope], traces: Sequence[str | None]) -> None:
-        """Published as they commit, without a read of the log for each commit (the relay's
-        read passes them at its next poll)."""
-        if relay is not None:
-            relay.publish_committed(events, [parse_trace_context(t) for t in traces])
-
     cache = lead_cache(
         redis, prefix=cache_prefix or settings.lead_cache_prefix, ttl_seconds=settings.lead_cache_ttl_seconds
     )
@@ -160,7 +151,9 @@ async def build(
         pool,
         store,
         cache,
-        on_commit=publish_committed,
+        # Published as they commit, without a read of the log for each commit (the relay's read
+        # passes them at its next poll).
+        on_commit=stored_publisher(relay),
         commit_interval=settings.lead_commit_interval_seconds,
     )
     consumers = LeadConsumers(recorder, settings.policy(), consumer=durable)

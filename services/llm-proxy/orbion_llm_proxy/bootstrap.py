@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -18,10 +17,9 @@ import asyncpg
 from orbion_common.breakers import Breaker
 from orbion_common.bus import Bus
 from orbion_common.db import create_pool
-from orbion_common.events import Envelope
-from orbion_common.eventstore import EventStore, parse_trace_context
+from orbion_common.eventstore import EventStore
 from orbion_common.migrations import migrate as migrate_schema
-from orbion_common.relay import Relay
+from orbion_common.relay import Relay, stored_publisher
 from orbion_common.telemetry import background_task, finish_tasks
 
 from . import store
@@ -63,12 +61,9 @@ def build_deps(
     events = EventStore(schema)
     relay = Relay(pool, events, bus, name="relay") if bus is not None else None
     wake_relay = relay.wake if relay is not None else (lambda: None)
-
-    def publish_committed(appended: Sequence[Envelope], traces: Sequence[str | None]) -> None:
-        """Replies and sends, wanted downstream at once: published as they commit, without a
-        read of the log for each (the relay's read passes them at its next poll)."""
-        if relay is not None:
-            relay.publish_committed(appended, [parse_trace_context(t) for t in traces])
+    # Replies and sends, wanted downstream at once: published as they commit, without a read
+    # of the log for each (the relay's read passes them at its next poll).
+    publish_committed = stored_publisher(relay)
 
     recorder = BreakerRecorder(pool, events, on_appended=wake_relay)
     breakers = {
