@@ -247,6 +247,7 @@ async def test_up_stops_services_with_sigterm_so_they_drain(capsys: pytest.Captu
     [
         (["bench", "llm-proxy", "--json"], "orbion_llm_proxy.bench", ["--json"]),
         (["bench", "events", "--rounds", "1"], "orbion_common.events.bench", ["--rounds", "1"]),
+        (["bench", "bus", "--rates", "50"], "orbion_common.busbench", ["--rates", "50"]),
         (["bench", "--json"], "orbion_loadtest.bench", ["--json"]),
         (["loadtest", "soak", "--rate", "5"], "orbion_loadtest.cli", ["soak", "--rate", "5"]),
         (["rebuild", "lead"], "orbion_lead.rebuild", []),

@@ -41,7 +41,7 @@ TOOLS: dict[str, Tool] = {
     "bench": Tool(
         "benchmarks: the system's before/after figures, or one service's micro-benchmarks",
         per_service="bench",
-        targets={"events": "orbion_common.events.bench"},
+        targets={"events": "orbion_common.events.bench", "bus": "orbion_common.busbench"},
         default="orbion_loadtest.bench",
     ),
     "loadtest": Tool(
