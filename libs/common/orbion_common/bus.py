@@ -14,13 +14,15 @@ Owns the delivery policy every service shares, stated here once:
   error, then termed. An outage (a dependency unreachable: :func:`is_outage`) never counts: the
   message waits, nakked, for as long as the outage lasts.
   Bytes that are not an event are dead-lettered at once: retrying cannot fix them.
-- Within a fetched batch, events of one ``stream_id`` run one after the other, in order; other
+- A consumer keeps pull requests open on the server (:class:`~orbion_common.pull.ContinuousPull`)
+  and takes the messages that arrived as a batch, never more than twice ``batch_size`` in hand.
+- Within a batch, events of one ``stream_id`` run one after the other, in order; other
   streams run concurrently. If one fails, the later events of its stream in that batch (and in
   the next batch, if in hand) are nakked too, with at least its delay, so that it comes back
   first and order is kept on redelivery.
 - After a NATS restart (or a stream/consumer lost with it) the consumer re-provisions the
-  stream and its durable and binds again: nats-py resubscribes the inbox on reconnect, but a
-  pull subscription bound to a consumer that no longer exists fetches nothing for ever.
+  stream and its durable and binds again: nats-py resubscribes the inbox on reconnect, but
+  pull requests to a consumer that no longer exists go unanswered for ever.
 
 Handlers own idempotency (see ``eventstore.EventStore.claim``); the bus only promises
 at-least-once delivery.
@@ -64,6 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .events import EncodedEvent, Envelope, Event, UndecodableEvent, decode, encode
+from .pull import ContinuousPull
 from .settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -220,11 +223,11 @@ class ConsumerSpec:
     nak_delays: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0)
     batch_size: int = 64
     deliver_new_only: bool = False
-    fetch_timeout_seconds: float = 1.0
+    pull_expires_seconds: float = 5.0
 
     @property
     def max_in_flight(self) -> int:
-        """Messages in hand at once: two batches, so that the next fetch overlaps the handling."""
+        """Messages in hand and asked for at once: two batches, one arriving while one is handled."""
         return 2 * self.batch_size
 
     def nak_delay(self, num_delivered: int) -> float:
@@ -285,22 +288,22 @@ async def _away(task: asyncio.Task[Away], spec: ConsumerSpec) -> Away:
 
 
 class _InHand:
-    """The messages a consumer has fetched and not yet acked or nakked.
+    """The messages a consumer has taken and not yet acked or nakked.
 
-    At most ``limit`` at once, so that fetching never runs ahead of the handlers by more than
+    At most ``limit`` at once, so that pulling never runs ahead of the handlers by more than
     that; and, per stream, the task handling its latest events (``chain``), which the stream's
-    next events wait for.
+    next events wait for. While they are in hand, :meth:`keep_in_progress` tells the server so.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
         self._tails: dict[str, asyncio.Task[Away]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._held: dict[asyncio.Task[Away], tuple[float, list[Msg]]] = {}  # with when taken
         self._freed = asyncio.Event()
 
     async def room(self) -> int:
-        """How many more messages may be fetched, once there is room for at least one."""
+        """How many more messages may be taken, once there is room for at least one."""
         while self.count >= self.limit:
             self._freed.clear()
             await self._freed.wait()
@@ -309,19 +312,19 @@ class _InHand:
     def chain(
         self,
         stream_id: str,
-        size: int,
+        msgs: list[Msg],
         handle: Callable[[asyncio.Task[Away] | None], Coroutine[Any, Any, Away]],
-    ) -> asyncio.Task[Away]:
-        """Run ``handle(after)`` for ``size`` messages of ``stream_id``, where ``after`` is the
-        task of the stream's events fetched before, if it still runs."""
+    ) -> None:
+        """Run ``handle(after)`` for ``msgs`` of ``stream_id``, where ``after`` is the task of the
+        stream's events taken before, if it still runs."""
         task = asyncio.create_task(handle(self._tails.get(stream_id)))
         self._tails[stream_id] = task
-        self._tasks.add(task)
-        self.count += size
+        self._held[task] = (asyncio.get_running_loop().time(), msgs)
+        self.count += len(msgs)
 
         def done(finished: asyncio.Task[Away]) -> None:
-            self._tasks.discard(finished)
-            self.count -= size
+            del self._held[finished]
+            self.count -= len(msgs)
             if self._tails.get(stream_id) is finished:
                 del self._tails[stream_id]
             self._freed.set()
@@ -330,28 +333,30 @@ class _InHand:
                 log.warning("consumer task for %s failed: %r", stream_id, finished.exception())
 
         task.add_done_callback(done)
-        return task
 
-    def while_running(self, tasks: list[asyncio.Task[Away]], side: Coroutine[Any, Any, None]) -> None:
-        """Run ``side`` until every one of ``tasks`` is done."""
-        side_task = asyncio.create_task(side)
-        remaining = len(tasks)
+    async def keep_in_progress(self, every: float) -> None:
+        """Every ``every`` seconds, "in progress" for each message in hand for longer than that.
 
-        def one_done(_: asyncio.Task[Away]) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                side_task.cancel()
-
-        for task in tasks:
-            task.add_done_callback(one_done)
+        A short ack_wait makes a crashed consumer's messages come back soon; while this process
+        is alive and busy with them, it tells the server they are still in hand. One task per
+        consumer, not one per batch: at low rates a batch is a message or two."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            since = loop.time() - every
+            for taken_at, msgs in list(self._held.values()):
+                if taken_at <= since:
+                    for msg in msgs:
+                        if not msg.is_acked:
+                            with contextlib.suppress(Exception):
+                                await msg.in_progress()
 
     async def finish(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._held:
+            await asyncio.gather(*self._held, return_exceptions=True)
 
     def cancel(self) -> None:
-        for task in self._tasks:
+        for task in self._held:
             task.cancel()
 
 
@@ -366,6 +371,7 @@ class Bus:
         self.root = subject_root(settings.stream_name)
         self.publish_timeout = 5.0
         self._consumers: list[asyncio.Task[None]] = []
+        self._pulls: set[ContinuousPull] = set()
         self._stopping = asyncio.Event()
 
     @classmethod
@@ -524,65 +530,62 @@ class Bus:
         task = asyncio.create_task(self._consume_forever(spec, handler), name=f"consumer:{spec.durable}")
         self._consumers.append(task)
 
-    async def _bind(self, spec: ConsumerSpec) -> JetStreamContext.PullSubscription:
+    async def _bind(self, spec: ConsumerSpec) -> ContinuousPull:
         await self.provision()
         version = self.nc.connected_server_version
         multi_filter = (version.major, version.minor) >= (2, 10)
         await self.js.add_consumer(
             self.settings.stream_name, spec.consumer_config(self.root, multi_filter=multi_filter)
         )
-        return await self.js.pull_subscribe_bind(durable=spec.durable, stream=self.settings.stream_name)
+        pull = ContinuousPull(
+            self.nc,
+            self.js,
+            self.settings.stream_name,
+            spec.durable,
+            batch=spec.batch_size,
+            expires=spec.pull_expires_seconds,
+        )
+        await pull.start()
+        return pull
 
     async def _consume_forever(self, spec: ConsumerSpec, handler: Handler) -> None:
-        sub: JetStreamContext.PullSubscription | None = None
-        idle_fetches = 0
+        pull: ContinuousPull | None = None
         in_hand = _InHand(spec.max_in_flight)
+        heartbeat = asyncio.create_task(in_hand.keep_in_progress(spec.ack_wait_seconds / 3))
         try:
             while not self._stopping.is_set():
                 try:
-                    if sub is None:
-                        sub = await self._bind(spec)
-                        idle_fetches = 0
-                    room = await in_hand.room()
-                    # After an idle fetch, one message: nats-py's batch fetch held the message
-                    # ending an idle spell until its pull expired, now and then (up to
-                    # fetch_timeout_seconds: replies 330 ms late at 3 msg/s), most likely when it
-                    # read a late "request timeout" of the fetch before and fell back to a
-                    # lingering pull. A fetch of one returns with its message.
-                    size = 1 if idle_fetches else min(spec.batch_size, room)
-                    try:
-                        msgs = await sub.fetch(size, timeout=spec.fetch_timeout_seconds)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        idle_fetches += 1
-                        # A consumer lost with a server restart fetches nothing and says nothing:
-                        # check now and then that it still exists.
-                        if idle_fetches % 15 == 0:
-                            await self.js.consumer_info(self.settings.stream_name, spec.durable)
-                        continue
-                    idle_fetches = 0
+                    if pull is None:
+                        pull = await self._bind(spec)
+                        self._pulls.add(pull)
+                    msgs = await pull.take(await in_hand.room())
                     await self._start_batch(spec, handler, msgs, in_hand)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.warning("consumer %s lost its subscription (%r); binding again", spec.durable, exc)
-                    if sub is not None:
+                    if pull is not None:
+                        self._pulls.discard(pull)
                         with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
-                    sub = None
+                            await pull.stop()
+                    pull = None
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
             await in_hand.finish()  # the batches in hand end, their acks sent, before the drain
         except asyncio.CancelledError:
             in_hand.cancel()
             raise
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        finally:
+            heartbeat.cancel()
+            if pull is not None:
+                self._pulls.discard(pull)
+                with contextlib.suppress(Exception):
+                    await pull.stop()
 
     async def _start_batch(
         self, spec: ConsumerSpec, handler: Handler, msgs: list[Msg], in_hand: _InHand
     ) -> None:
-        """Start handling a fetched batch and return: the next fetch overlaps its handling.
+        """Start handling a batch and return: the next one is taken while it is handled.
 
         A contact's events run in order, after its events of earlier batches still in hand;
         other contacts' events do not wait for them.
@@ -600,24 +603,12 @@ class Bus:
             by_stream.setdefault(event.stream_id, []).append((event, msg))
         if not by_stream:
             return
-        chains = [
+        for stream_id, items in by_stream.items():
             in_hand.chain(
-                stream_id, len(items), functools.partial(self._handle_in_order, spec, handler, items)
+                stream_id,
+                [msg for _, msg in items],
+                functools.partial(self._handle_in_order, spec, handler, items),
             )
-            for stream_id, items in by_stream.items()
-        ]
-        pending = [msg for items in by_stream.values() for _, msg in items]
-        in_hand.while_running(chains, self._keep_in_progress(spec, pending))
-
-    async def _keep_in_progress(self, spec: ConsumerSpec, msgs: list[Msg]) -> None:
-        # A short ack_wait makes a crashed consumer's messages come back soon; while this
-        # process is alive and busy with a batch, it tells the server the batch is still in hand.
-        while True:
-            await asyncio.sleep(spec.ack_wait_seconds / 3)
-            for msg in msgs:
-                if not msg.is_acked:
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
 
     async def _handle_in_order(
         self,
@@ -721,10 +712,12 @@ class Bus:
         return {i.name: {"pending": i.num_pending, "ack_pending": i.num_ack_pending} for i in infos}
 
     async def stop_consuming(self) -> None:
-        """Stop fetching and let in-flight batches finish, their acks included. Publishing
+        """Stop pulling and let in-flight batches finish, their acks included. Publishing
         still works: a service stops its consumers, then what publishes (relays, schedulers),
         and closes the bus last."""
         self._stopping.set()
+        for pull in self._pulls:
+            pull.wake()
         if self._consumers:
             await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()

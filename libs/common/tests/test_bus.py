@@ -1,11 +1,11 @@
 """The bus against a real NATS JetStream; each test has its own stream and consumers."""
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime
 
 import pytest
-from nats.js import JetStreamContext
 
 from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
 from orbion_common.events import MessageReceived
@@ -228,7 +228,7 @@ async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving
     async def handler(event, delivery):
         received.append(event.payload.text)
 
-    spec = ConsumerSpec(durable=durable, event_types=("MessageReceived",), fetch_timeout_seconds=0.2)
+    spec = ConsumerSpec(durable=durable, event_types=("MessageReceived",))
     bus.consume(spec, handler)
     await bus.publish(inbound("5511", 1))
     await wait_for(lambda: received == ["message 1"])
@@ -241,34 +241,96 @@ async def test_a_consumer_whose_durable_vanished_binds_again_and_keeps_receiving
     assert received[0] == "message 1"
 
 
-async def test_after_an_idle_fetch_the_consumer_asks_for_one_message_then_for_a_batch(
-    bus, unique, monkeypatch
-):
-    # nats-py's batch fetch may hold a message that ends an idle spell until its pull expires;
-    # a fetch of one returns with it (see Bus._consume_forever).
-    sizes: list[int] = []
-    fetch = JetStreamContext.PullSubscription.fetch
+async def pull_requests(bus: Bus, durable: str) -> list[dict]:
+    """The pull requests a consumer sends, as the server receives them (a second subscriber)."""
+    seen: list[dict] = []
 
-    async def recording_fetch(self, batch=1, **options):
-        sizes.append(batch)
-        return await fetch(self, batch, **options)
+    async def record(msg):
+        seen.append(json.loads(msg.data))
 
-    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", recording_fetch)
+    await bus.nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{bus.settings.stream_name}.{durable}", cb=record)
+    await bus.nc.flush()
+    return seen
+
+
+async def test_a_consumer_keeps_its_pull_requests_open_instead_of_asking_for_each_message(bus, unique):
+    durable = f"open{unique}"
+    requests = await pull_requests(bus, durable)
     handled: list[str] = []
 
     async def handler(event, delivery):
         handled.append(event.payload.text)
 
-    spec = ConsumerSpec(
-        durable=f"idle{unique}", event_types=("MessageReceived",), batch_size=16, fetch_timeout_seconds=0.2
-    )
+    bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",), batch_size=16), handler)
+    for n in range(20):  # one at a time, as a quiet system sees them
+        await bus.publish(inbound("5511", n))
+        await wait_for(lambda n=n: len(handled) == n + 1)
+    assert handled == [f"message {n}" for n in range(20)]
+    # A request for up to 16, topped up once half of it was used: not a request per message.
+    assert [r["batch"] for r in requests] == [16, 8, 8]
+
+
+async def test_a_message_after_an_idle_spell_longer_than_a_pull_request_is_handled_at_once(bus, unique):
+    durable = f"idle{unique}"
+    requests = await pull_requests(bus, durable)
+    handled: list[float] = []
+
+    async def handler(event, delivery):
+        handled.append(asyncio.get_running_loop().time())
+
+    spec = ConsumerSpec(durable=durable, event_types=("MessageReceived",), pull_expires_seconds=0.3)
     bus.consume(spec, handler)
-    await wait_for(lambda: len(sizes) >= 2)  # the first fetch found nothing and timed out
-    await bus.publish_all([inbound("5511", n) for n in range(3)])
-    await wait_for(lambda: len(handled) == 3)
-    assert sizes[:2] == [16, 1]  # a batch at first, one after the idle fetch
-    assert 16 in sizes[2:]  # and a batch again once a message came
-    assert handled == ["message 0", "message 1", "message 2"]
+    await asyncio.sleep(1.2)
+    assert len(requests) >= 3  # each expired request was followed by the next
+    published_at = asyncio.get_running_loop().time()
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: handled)
+    # Not after a silence of expiry plus grace (1.3 s): an open request took it.
+    assert handled[0] - published_at < 0.5
+
+
+async def test_a_consumer_never_holds_more_than_two_batches_delivered_and_unacked(bus, unique):
+    durable = f"flow{unique}"
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(event, delivery):
+        started.append(event.stream_id)
+        await release.wait()
+
+    bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",), batch_size=4), handler)
+    await bus.publish_all([inbound(f"55{n:02d}", n) for n in range(30)])  # 30 contacts at once
+    try:
+        await wait_for(lambda: len(started) == 8)
+        await asyncio.sleep(0.5)
+        info = await bus.js.consumer_info(bus.settings.stream_name, durable)
+        # Delivered to this process: only what is in hand (the rest stays on the server).
+        assert (len(started), info.num_ack_pending) == (8, 8)
+    finally:
+        release.set()
+    await wait_for(lambda: len(started) == 30)
+    assert sorted(started) == sorted(f"55{n:02d}" for n in range(30))
+
+
+async def test_stopping_a_consumer_does_not_wait_for_its_open_pull_request(nats_url, unique):
+    settings = CommonSettings(nats_url=nats_url, stream_name=f"S{unique}".upper())
+    bus = await Bus.connect(settings, name="stop-test")
+    requests = await pull_requests(bus, f"stop{unique}")
+
+    async def handler(event, delivery):
+        pass
+
+    try:
+        durable = f"stop{unique}"
+        bus.consume(ConsumerSpec(durable, ("MessageReceived",), pull_expires_seconds=30), handler)
+        await wait_for(lambda: requests)
+        started = asyncio.get_running_loop().time()
+        await bus.stop_consuming()
+        assert asyncio.get_running_loop().time() - started < 2.0
+    finally:
+        for name in (settings.stream_name, f"{settings.stream_name}_DLQ"):
+            await bus.js.delete_stream(name)
+        await bus.close()
 
 
 async def test_two_systems_on_one_server_do_not_see_each_others_events(bus, nats_url, unique):

@@ -42,6 +42,6 @@ class Settings(CommonSettings):
     conversation_consumer_batch: int = Field(
         256,
         ge=1,
-        description="Events fetched per batch by the conversation consumer; a batch's events are "
+        description="Most events handled as one batch by the conversation consumer; a batch's events are "
         "recorded a few transactions at a time (group commit), so a larger batch costs less per event.",
     )

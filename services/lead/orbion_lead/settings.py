@@ -70,7 +70,9 @@ class Settings(CommonSettings):
     )
     rate_limit_api_key_per_minute: int = Field(1000, description="Requests per API key per minute on `/api`.")
     lead_consumer_batch: int = Field(
-        256, ge=1, description="Events fetched per batch by the lead consumer (recorded in one transaction)."
+        256,
+        ge=1,
+        description="Most events handled as one batch by the lead consumer (recorded in one transaction).",
     )
     lead_commit_interval_seconds: float = Field(
         COMMIT_INTERVAL_SECONDS,
