@@ -558,6 +558,8 @@ class Bus:
                     if pull is None:
                         pull = await self._bind(spec)
                         self._pulls.add(pull)
+                        if self._stopping.is_set():  # stop_consuming came while binding
+                            pull.wake()
                     msgs = await pull.take(await in_hand.room())
                     await self._start_batch(spec, handler, msgs, in_hand)
                 except asyncio.CancelledError:

@@ -5,15 +5,17 @@ finds nothing (the usual case below saturation), a second, lingering one, then a
 and a uuid for each message it waits for. This is what nats.go calls ``Consume`` instead:
 requests for up to ``batch`` messages stay open on the server, and are topped up as messages
 are taken; the server delivers each message into the subscription's inbox as it is published.
-On the 2026-12-07 machine a consumer of 150 events/s spent 840 µs of CPU per event with
-``fetch`` and 440-480 µs with open requests (docs/performance.md).
+With the bus's other per-batch task gone too, a consumer of 150 events/s spent 700 µs of CPU
+per event where it had spent 1,033 (``orbion bench bus`` on 2026-12-07, docs/performance.md).
 
 Flow control: a request never asks for more than the room its caller gives (the bus's
 messages in hand), so that messages delivered and not yet handled stay within that limit.
 A request expires after ``expires`` seconds; the server then says so (status 408, with how
 many of its messages it did not deliver) and the next one is sent. A consumer that hears
 nothing for longer than that has lost its requests (a reconnect, a server restart): it asks
-the server whether its durable still exists (:class:`LostConsumer` if not) and asks again.
+the server whether its durable still exists (the caller binds again if not) and asks again.
+A request the server ends for good (409: the durable deleted, say) raises
+:class:`LostConsumer`, and the caller binds again too.
 """
 
 from __future__ import annotations
