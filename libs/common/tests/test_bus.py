@@ -261,7 +261,9 @@ async def test_a_consumer_keeps_its_pull_requests_open_instead_of_asking_for_eac
     async def handler(event, delivery):
         handled.append(event.payload.text)
 
-    bus.consume(ConsumerSpec(durable=durable, event_types=("MessageReceived",), batch_size=16), handler)
+    # Requests that outlive the test: none expires and is replaced while it runs.
+    spec = ConsumerSpec(durable, ("MessageReceived",), batch_size=16, pull_expires_seconds=120)
+    bus.consume(spec, handler)
     for n in range(20):  # one at a time, as a quiet system sees them
         await bus.publish(inbound("5511", n))
         await wait_for(lambda n=n: len(handled) == n + 1)
@@ -315,13 +317,13 @@ async def test_a_consumer_never_holds_more_than_two_batches_delivered_and_unacke
 async def test_stopping_a_consumer_does_not_wait_for_its_open_pull_request(nats_url, unique):
     settings = CommonSettings(nats_url=nats_url, stream_name=f"S{unique}".upper())
     bus = await Bus.connect(settings, name="stop-test")
-    requests = await pull_requests(bus, f"stop{unique}")
+    durable = f"stop{unique}"
+    requests = await pull_requests(bus, durable)
 
     async def handler(event, delivery):
         pass
 
     try:
-        durable = f"stop{unique}"
         bus.consume(ConsumerSpec(durable, ("MessageReceived",), pull_expires_seconds=30), handler)
         await wait_for(lambda: requests)
         started = asyncio.get_running_loop().time()
