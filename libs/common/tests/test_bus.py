@@ -10,6 +10,7 @@ import pytest
 from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
+from orbion_common.pull import ContinuousPull
 from orbion_common.settings import CommonSettings
 
 
@@ -289,6 +290,32 @@ async def test_a_message_after_an_idle_spell_longer_than_a_pull_request_is_handl
     await wait_for(lambda: handled)
     # Not after a silence of expiry plus grace (1.3 s): an open request took it.
     assert handled[0] - published_at < 0.5
+
+
+async def test_a_consumer_whose_pull_request_was_lost_asks_again_after_a_silence(bus, unique, monkeypatch):
+    # A request the server never got (lost with a connection the client did not see drop):
+    # no message and no expiry come back, and only the silence tells.
+    ask = ContinuousPull._ask
+    lost: list[int] = []
+
+    async def losing_the_first(self, count):
+        if not lost:
+            lost.append(count)
+            self._requested += count
+            return
+        await ask(self, count)
+
+    monkeypatch.setattr(ContinuousPull, "_ask", losing_the_first)
+    handled: list[str] = []
+
+    async def handler(event, delivery):
+        handled.append(event.payload.text)
+
+    spec = ConsumerSpec(f"silent{unique}", ("MessageReceived",), pull_expires_seconds=0.3)
+    bus.consume(spec, handler)
+    await bus.publish(inbound("5511", 1))
+    await wait_for(lambda: lost)
+    await wait_for(lambda: handled == ["message 1"], within=5)  # after 0.3 s + 1 s of silence
 
 
 async def test_a_consumer_never_holds_more_than_two_batches_delivered_and_unacked(bus, unique):
