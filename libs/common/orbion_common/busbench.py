@@ -43,13 +43,11 @@ def nats_server(use_configured: bool) -> Iterator[tuple[str, int | None]]:
         return
     from .infra import LocalInfra
 
-    with tempfile.TemporaryDirectory(prefix="orbion-bench-bus-") as tmp:
-        infra = LocalInfra(Path(tmp), servers=("nats",), durable=False)
-        urls = infra.start()
-        try:
-            yield urls.nats_url, infra.pid("nats")
-        finally:
-            infra.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="orbion-bench-bus-") as tmp,
+        LocalInfra(Path(tmp), servers=("nats",), durable=False) as infra,
+    ):
+        yield infra.url("nats"), infra.pid("nats")
 
 
 async def publish(nats_url: str, stream: str, rate: float, count: int) -> None:
@@ -93,6 +91,7 @@ async def consume_at(nats_url: str, server_pid: int | None, rate: float, seconds
 
     me = psutil.Process()
     server = psutil.Process(server_pid) if server_pid else None
+    publisher: asyncio.subprocess.Process | None = None
     try:
         bus.consume(ConsumerSpec(durable="bench", event_types=("MessageReceived",), batch_size=256), handler)
         await asyncio.sleep(0.5)  # bound, and its first request open
@@ -113,9 +112,12 @@ async def consume_at(nats_url: str, server_pid: int | None, rate: float, seconds
         elapsed = time.perf_counter() - started
         await publisher.wait()
     finally:
-        with contextlib.suppress(Exception):
-            await bus.js.delete_stream(stream)
-            await bus.js.delete_stream(f"{stream}_DLQ")
+        if publisher is not None and publisher.returncode is None:
+            publisher.kill()  # a run that timed out: no publisher left behind
+            await publisher.wait()
+        for name in (stream, f"{stream}_DLQ"):
+            with contextlib.suppress(Exception):
+                await bus.js.delete_stream(name)
         await bus.close()
     figures = {"rate": rate, "events": received, "seconds": round(elapsed, 1)}
     figures["consumer_cpu_us_per_event"] = round(mine / received * 1e6, 1)
@@ -130,14 +132,13 @@ async def run(args: argparse.Namespace) -> list[dict[str, float]]:
     with nats_server(args.use_configured) as (url, server_pid):
         for rate in args.rates:
             rounds = [await consume_at(url, server_pid, rate, args.seconds) for _ in range(args.rounds)]
-            best = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-            results.append(best)
-            extra = (
-                f", NATS server {best['nats_cpu_us_per_event']} µs" if "nats_cpu_us_per_event" in best else ""
-            )
+            median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            results.append(median)
+            nats = median.get("nats_cpu_us_per_event")
             print(
-                f"{rate:g} events/s: consumer {best['consumer_cpu_us_per_event']} µs of CPU per event{extra} "
-                f"(median of {args.rounds} runs of {args.seconds:g} s)"
+                f"{rate:g} events/s: consumer {median['consumer_cpu_us_per_event']} µs of CPU per event"
+                + (f", NATS server {nats} µs" if nats is not None else "")
+                + f" (median of {args.rounds} runs of {args.seconds:g} s)"
             )
     return results
 
