@@ -261,13 +261,11 @@ def infrastructure(use_configured: bool) -> Iterator[tuple[str, str]]:
         return
     from orbion_common.infra import LocalInfra
 
-    with tempfile.TemporaryDirectory(prefix="orbion-bench-") as tmp:
-        infra = LocalInfra(Path(tmp), servers=("nats", "redis"), durable=False)
-        urls = infra.start()
-        try:
-            yield urls.nats_url, urls.redis_url
-        finally:
-            infra.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="orbion-bench-") as tmp,
+        LocalInfra(Path(tmp), servers=("nats", "redis"), durable=False) as infra,
+    ):
+        yield infra.url("nats"), infra.url("redis")
 
 
 # -- the run --------------------------------------------------------------------------------
