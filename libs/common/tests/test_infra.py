@@ -170,6 +170,21 @@ def test_stop_leaves_no_process_and_the_next_run_reuses_ports_and_data(infra_dat
         again.stop()
 
 
+def test_local_nats_runs_its_go_code_on_one_thread_unless_gomaxprocs_says_otherwise(
+    infra_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gomaxprocs_of_nats(folder: str) -> str | None:
+        with LocalInfra(infra_data_dir / folder, servers=("nats",), durable=False) as infra:
+            pid = infra.pid("nats")
+            assert pid is not None
+            return psutil.Process(pid).environ().get("GOMAXPROCS")
+
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    assert gomaxprocs_of_nats("default") == "1"
+    monkeypatch.setenv("GOMAXPROCS", "2")
+    assert gomaxprocs_of_nats("explicit") == "2"
+
+
 def test_configured_urls_start_nothing(tmp_path: Path) -> None:
     settings = CommonSettings(
         nats_url="nats://db.example:4222", database_url="postgresql://u@db.example/x",
