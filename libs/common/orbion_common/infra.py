@@ -570,9 +570,10 @@ class LocalInfra:
             store.mkdir(parents=True, exist_ok=True)
             cmd = [str(find_binary("nats")), "-js", "-a", HOST, "-p", str(running.port),
                    "-sd", str(store), "-n", f"orbion-local-{running.port}"]
-            # One thread for the server's Go code unless GOMAXPROCS says otherwise: it shares the
-            # cores with the services, and with a thread per core it used about a fifth more CPU
-            # under load, much of it switching between its own threads (docs/performance.md).
+            # One thread for the server's Go code unless GOMAXPROCS says otherwise: it shares
+            # the cores with the services, and with a thread per core it used a fifth to a third
+            # more CPU under load, much of it switching between its own threads
+            # (docs/performance.md).
             kwargs["env"] = {"GOMAXPROCS": "1", **os.environ}
         elif server == "redis":
             store = self.data_dir / "redis"
