@@ -391,6 +391,9 @@ class Bus:
 
         async def on_reconnect() -> None:
             log.info("nats reconnected")
+            if bus is not None:
+                for pull in bus._pulls:
+                    pull.reconnected()
 
         nc = await nats.connect(
             settings.nats_url,

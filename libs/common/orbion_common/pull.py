@@ -13,9 +13,10 @@ messages in hand), so that messages delivered and not yet handled stay within th
 A request expires after ``expires`` seconds; the server then says so (status 408, with how
 many of its messages it did not deliver) and the next one is sent. A consumer that hears
 nothing for longer than that has lost its requests (a reconnect, a server restart): it asks
-the server whether its durable still exists (the caller binds again if not) and asks again.
-A request the server ends for good (409: the durable deleted, say) raises
-:class:`LostConsumer`, and the caller binds again too.
+the server whether its durable still exists (the caller binds again if not) and asks again;
+after a reconnect the caller says so (:meth:`ContinuousPull.reconnected`) and it asks at once.
+A request the server ends for good (409: the durable deleted, say), or answers with "no
+responders" (503: no such durable), raises :class:`LostConsumer`, and the caller binds again too.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _PENDING_MESSAGES = "Nats-Pending-Messages"
 _HEARTBEAT = "100"
+_NO_RESPONDERS = "503"
 _SILENCE_GRACE_SECONDS = 1.0
 
 
@@ -61,18 +63,23 @@ class ContinuousPull:
         self._woken = asyncio.Event()
         self._requested = 0  # asked for, and neither delivered nor given up by the server
         self._lost = ""
-        self._reconnects = 0
         self._heard_at = 0.0
         self._stopping = False
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_message)
-        self._reconnects = self.nc.stats["reconnects"]
         self._heard_at = asyncio.get_running_loop().time()
 
     def wake(self) -> None:
         """End a :meth:`take` waiting for messages, with none (the caller is stopping)."""
         self._stopping = True
+        self._woken.set()
+
+    def reconnected(self) -> None:
+        """The connection came back (the client's reconnect callback): the server dropped the
+        open requests with the old connection, so ask again now, not after a silence."""
+        self._requested = 0
+        self._heard_at = asyncio.get_running_loop().time()
         self._woken.set()
 
     async def take(self, room: int) -> list[Msg]:
@@ -82,10 +89,6 @@ class ContinuousPull:
         while not self._stopping:
             if self._lost:
                 raise LostConsumer(f"consumer {self.durable}: {self._lost}")
-            if self.nc.stats["reconnects"] != self._reconnects:
-                # Requests do not survive a reconnect: the server dropped them with the connection.
-                self._reconnects = self.nc.stats["reconnects"]
-                self._requested = 0
             free = room - len(self._arrived) - self._requested
             if free > 0 and self._requested <= self.batch // 2:
                 await self._ask(min(free, self.batch - self._requested))
@@ -132,7 +135,11 @@ class ContinuousPull:
         else:  # the server ended every request at once
             self._requested = 0
         description = headers.get(Header.DESCRIPTION, "")
-        if status == "409" and description != "Leadership Change":
+        if status == _NO_RESPONDERS:
+            # No such consumer (gone with a server that lost its store): asking again would get
+            # the same answer at once, for ever.
+            self._lost = "no such consumer"
+        elif status == "409" and description != "Leadership Change":
             # Consumer deleted, or a limit of its config that asking again would hit at once.
             self._lost = description or "409"
         self._woken.set()

@@ -10,7 +10,7 @@ import pytest
 from orbion_common.bus import Bus, ConsumerSpec, dlq_subject
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
-from orbion_common.pull import ContinuousPull
+from orbion_common.pull import ContinuousPull, LostConsumer
 from orbion_common.settings import CommonSettings
 
 
@@ -316,6 +316,18 @@ async def test_a_consumer_whose_pull_request_was_lost_asks_again_after_a_silence
     await bus.publish(inbound("5511", 1))
     await wait_for(lambda: lost)
     await wait_for(lambda: handled == ["message 1"], within=5)  # after 0.3 s + 1 s of silence
+
+
+async def test_pulling_from_a_durable_that_does_not_exist_says_so_at_once(bus, unique):
+    # The server answers "no responders" (503) at once, every time: asking again would spin.
+    pull = ContinuousPull(bus.nc, bus.js, bus.settings.stream_name, f"missing{unique}", batch=4, expires=5.0)
+    await pull.start()
+    try:
+        async with asyncio.timeout(2):
+            with pytest.raises(LostConsumer, match="no such consumer"):
+                await pull.take(8)
+    finally:
+        await pull.stop()
 
 
 async def test_a_consumer_never_holds_more_than_two_batches_delivered_and_unacked(bus, unique):

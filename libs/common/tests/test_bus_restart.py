@@ -62,3 +62,36 @@ async def test_a_consumer_keeps_receiving_after_the_nats_server_restarts(local_i
         await bus.js.delete_stream(settings.stream_name)
         await bus.js.delete_stream(f"{settings.stream_name}_DLQ")
         await bus.close()
+
+
+async def test_after_a_nats_restart_a_consumer_asks_again_at_once(local_infra, unique):
+    # A killed server says nothing (a stopped one ends its requests with a 409 "Server
+    # Shutdown"), and its successor knows nothing of the old connection's open pull requests:
+    # the reconnect, not a silence of expiry plus grace (6 s here), makes the consumer ask again.
+    settings = CommonSettings(nats_url=local_infra.url("nats"), stream_name=f"RA{unique}".upper())
+    bus = await Bus.connect(settings, name="reconnect-test")
+    handled: list[float] = []
+
+    async def handler(event, delivery):
+        handled.append(asyncio.get_running_loop().time())
+
+    try:
+        bus.consume(ConsumerSpec(durable=f"a{unique}", event_types=("MessageReceived",)), handler)
+        await bus.publish(inbound(1))
+        for _ in range(100):
+            if handled:
+                break
+            await asyncio.sleep(0.05)
+        assert len(handled) == 1
+
+        await local_infra.arestart_server("nats", kill=True)
+        await publish_until_acked(bus, inbound(2))
+        published_at = asyncio.get_running_loop().time()
+        for _ in range(200):
+            if len(handled) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(handled) == 2
+        assert handled[1] - published_at < 1.5
+    finally:
+        await bus.close()
