@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from orbion_common.bus import Bus, BusUnavailable, ConsumerSpec
 from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
+from orbion_common.infra import LocalInfra
 from orbion_common.settings import CommonSettings
 
 
@@ -64,10 +65,13 @@ async def test_a_consumer_keeps_receiving_after_the_nats_server_restarts(local_i
         await bus.close()
 
 
-async def test_after_a_nats_restart_a_consumer_asks_again_at_once(local_infra, unique):
+async def test_after_a_nats_restart_a_consumer_asks_again_at_once(infra_data_dir, unique):
     # A killed server says nothing (a stopped one ends its requests with a 409 "Server
     # Shutdown"), and its successor knows nothing of the old connection's open pull requests:
     # the reconnect, not a silence of expiry plus grace (6 s here), makes the consumer ask again.
+    # A server of its own: the session's shared one is not killed under the other tests.
+    local_infra = LocalInfra(infra_data_dir, servers=("nats",), durable=False)
+    local_infra.start()
     settings = CommonSettings(nats_url=local_infra.url("nats"), stream_name=f"RA{unique}".upper())
     bus = await Bus.connect(settings, name="reconnect-test")
     handled: list[float] = []
@@ -95,3 +99,4 @@ async def test_after_a_nats_restart_a_consumer_asks_again_at_once(local_infra, u
         assert handled[1] - published_at < 1.5
     finally:
         await bus.close()
+        local_infra.stop()
