@@ -289,7 +289,6 @@ class EventStore:
         first: int = 1,
         only: str = "",
         unstored_only: bool = False,
-        after_locking: str = "",
     ) -> tuple[str, list[object]]:
         """An INSERT that appends each event after its stream's last version (events of one
         stream in the order given), read in the same statement, ``RETURNING event_id, position,
@@ -300,15 +299,12 @@ class EventStore:
         event id already stored, raises :class:`ConcurrencyError` and nothing is stored.
         ``only``, a condition on ``e.event_id``, and ``unstored_only`` (an event already in the
         store, as after a retried commit whose first answer was lost): the events left out
-        before the versions are counted. ``after_locking``: a CTE of the statement that locks rows
-        (``FOR UPDATE``), all taken before the first event is inserted, as a lock order wants."""
+        before the versions are counted."""
         s = f'"{self.schema}"'
         p = [f"${first + i}" for i in range(6)]
         conditions = [only] if only else []
         if unstored_only:
             conditions.append(f"NOT EXISTS (SELECT 1 FROM {s}.events o WHERE o.event_id = e.event_id)")
-        if after_locking:
-            conditions.append(after(after_locking))
         sql = f"""
             INSERT INTO {s}.events (event_id, stream_id, version, type, occurred_at, body, trace_context)
             SELECT e.event_id, e.stream_id,

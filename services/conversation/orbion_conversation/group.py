@@ -4,9 +4,9 @@ The bus runs a batch's events concurrently, one contact's one after the other. E
 call hands its event to :class:`GroupCommit` and waits; the events gathered meanwhile (oldest
 first, at most one per contact, so a contact's order holds) are recorded in ONE transaction
 of a few set-based statements, whatever their number (a single event too): one statement
-locks the pending rows of their contacts (phone order: two groups never deadlock), appends
-the events not stored yet at their streams' next versions and reads the projection rows they
-refer to; they are projected with ``BatchProjection`` (the rebuild's in-memory projector,
+locks the pending rows of their contacts (phone order: two groups never deadlock), the next
+appends the events not stored yet at their streams' next versions and reads the projection
+rows they refer to; they are projected with ``BatchProjection`` (the rebuild's in-memory projector,
 tested to match the live SQL) and the replies decided; then the messages are written, the
 pending rows upserted or deleted, and one statement saves the contacts and reads every history
 snapshot. After the commit: the cache writes in one pipeline, then each call returns, so the
@@ -223,36 +223,32 @@ class GroupCommit:
     async def _lock_append_and_load(
         self, conn: asyncpg.Connection, group: list[_Work], projection: BatchProjection
     ) -> tuple[dict[str, PendingRow], dict[str, StoredEvent]]:
-        """One statement: lock the contacts' pending rows; append the group's events not in our
-        log yet (a redelivery, or a provider retry days later, is), each at its stream's next
-        version; and read the projection rows they refer to. Returns the pending rows by phone
-        and the events appended by id.
+        """Two statements. The first locks the contacts' pending rows. The second appends the
+        group's events not in our log yet (a redelivery, or a provider retry days later, is),
+        each at its stream's next version, and reads the projection rows they refer to. Returns
+        the pending rows by phone and the events appended by id.
 
         Lock order (replies.py): the pending rows first, then the streams. Of every contact,
         not only those with an inbound message: the scheduler appends to the streams whose rows
-        it holds, and waiting for them here means never racing it. A wait for a row reads the
-        versions and rows as they were before it: if the round held the row appended to the
-        stream meanwhile, the insert conflicts (ConcurrencyError), and the group is redone event
-        by event, as when another replica appended to one of the streams."""
+        it holds, and waiting for them here means never racing it. The append is a statement of
+        its own because a statement reads the data as it was when it started: one that waited
+        for a scheduler round's row would count the versions from before the round's request,
+        conflict with it (ConcurrencyError), and send the whole group down the one-event path.
+        Under overload that happened every few seconds, to groups of 200-256 events. Another
+        replica appending to one of the streams still conflicts: the group is then redone
+        event by event."""
         events = self.deps.ctx.store
-        lock, lock_args = store.lock_pending_query([w.event.stream_id for w in group])
+        pending = await store.lock_pending_many(conn, [w.event.stream_id for w in group])
         insert, insert_args = events.insert_next(
-            [w.event for w in group],
-            [w.context.run(trace_context) for w in group],
-            first=len(lock_args) + 1,
-            unstored_only=True,
-            after_locking="locked",
+            [w.event for w in group], [w.context.run(trace_context) for w in group], unstored_only=True
         )
-        ctes, columns, load_args = projection.load_query(
-            [w.event for w in group], first=len(lock_args) + len(insert_args) + 1
-        )
+        ctes, columns, load_args = projection.load_query([w.event for w in group], first=len(insert_args) + 1)
         [row] = await events.fetch_appending(
             conn,
-            f"""WITH locked AS ({lock}), appended AS ({insert}), {ctes}
-                SELECT ARRAY(SELECT ROW({store.PENDING_COLUMNS}) FROM locked) AS pending,
-                       ARRAY(SELECT ROW(event_id, position, version) FROM appended) AS appended,
+            f"""WITH appended AS ({insert}), {ctes}
+                SELECT ARRAY(SELECT ROW(event_id, position, version) FROM appended) AS appended,
                        {columns}""",
-            [*lock_args, *insert_args, *load_args],
+            [*insert_args, *load_args],
             savepoint=False,  # a conflict ends this transaction: the events are redone alone
         )
         projection.loaded(row)
@@ -261,4 +257,4 @@ class GroupCommit:
             event_id: StoredEvent(position, version, by_id[event_id])
             for event_id, position, version in row["appended"]
         }
-        return store.pending_of_records(row["pending"]), stored
+        return pending, stored

@@ -505,19 +505,15 @@ async def load_pending(conn: asyncpg.Connection, phone: str) -> PendingRow | Non
     return _pending(row) if row else None
 
 
-def lock_pending_query(phones: Sequence[str], *, first: int = 1) -> tuple[str, list[object]]:
-    """A SELECT that locks contacts' pending rows in phone order, the order every batch takes
-    them in, so two batches never deadlock on them; and its argument, numbered ``$first``. For
-    a caller that locks them in a statement of its own: :func:`pending_of_records` reads its
-    rows taken as anonymous ``ROW(PENDING_COLUMNS)`` records."""
-    sql = f"""SELECT {PENDING_COLUMNS} FROM pending_replies WHERE phone = ANY(${first}::text[])
-              ORDER BY phone FOR UPDATE"""
-    return sql, [sorted(phones)]
-
-
-def pending_of_records(records: Sequence[Sequence[Any]]) -> dict[str, PendingRow]:
-    """Pending rows read as records of :func:`lock_pending_query`'s columns, by phone."""
-    return {r[0]: _pending(dict(zip(_PENDING_NAMES, r, strict=True))) for r in records}
+async def lock_pending_many(conn: asyncpg.Connection, phones: Sequence[str]) -> dict[str, PendingRow]:
+    """Contacts' waiting replies by phone, locked until the transaction ends; taken in phone
+    order, the order every batch takes them in, so two batches never deadlock on them."""
+    rows = await conn.fetch(
+        f"""SELECT {PENDING_COLUMNS} FROM pending_replies WHERE phone = ANY($1::text[])
+            ORDER BY phone FOR UPDATE""",
+        sorted(phones),
+    )
+    return {row["phone"]: _pending(row) for row in rows}
 
 
 async def save_pending(conn: asyncpg.Connection, pending: PendingRow) -> None:

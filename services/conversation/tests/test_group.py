@@ -9,6 +9,7 @@ from datetime import timedelta
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from orbion_common.events import Event, utcnow
@@ -219,9 +220,11 @@ async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts
     """The scheduler holds the due bursts it claimed while it appends their requests; an event
     of such a contact waits for the round rather than racing it for the stream's next version
     (a lost race made the round redo every one of its bursts alone). The group reads the
-    stream's version before that wait: it finds the version the round took, and records its
-    events again, after the round's request."""
+    stream's version after that wait, in a statement of its own: its events follow the round's
+    request, and the group commits as one (not redone event by event, as when it read the
+    version in the statement that waited)."""
     deps = make_deps(pool, schema, redis, quiet=1.5)
+    retries_before = group_retries()
     phone, other = new_phone(), new_phone()
     assert await record_event(deps, inbound(phone, f"wamid.{phone}.1", "Oi", seconds=0)) == "scheduled"
     reply = generated(phone, f"reply.{phone}", "Olá!", seconds=2)
@@ -243,6 +246,12 @@ async def test_a_reply_event_waits_for_a_scheduler_round_that_holds_the_contacts
     requested = ["ReplyRequested"] if round_appends else []
     assert [s.event.type for s in stream] == ["MessageReceived", *requested, "ReplyGenerated"]
     assert [s.version for s in stream] == list(range(1, len(stream) + 1))
+    assert group_retries() == retries_before
+
+
+def group_retries() -> float:
+    """Groups redone event by event so far (the conversation's metric)."""
+    return REGISTRY.get_sample_value("orbion_conversation_group_retries_total") or 0.0
 
 
 async def test_the_history_cached_after_a_group_is_at_each_contacts_version(
