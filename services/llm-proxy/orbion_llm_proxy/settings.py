@@ -74,9 +74,11 @@ class Settings(CommonSettings):
         30.0, description="Seconds the WhatsApp breaker stays open."
     )
     sender_concurrency: int = Field(
-        64,
+        256,
         description="Contacts sent to concurrently; their statements are group-committed, so a send "
-        "holds no connection of its own and this does not depend on ORBION_DB_POOL_MAX.",
+        "holds no connection of its own and this does not depend on ORBION_DB_POOL_MAX. A send holds "
+        "its slot for the API's whole answer time: the sender sends at most this many replies per "
+        "answer time. Also the most replies a crash can leave in doubt (outcome_unknown).",
     )
     sender_commit_retry_seconds: float = Field(
         30.0,
