@@ -14,8 +14,8 @@ bus acks each event only after the commit. A crash at any line before the commit
 nothing (every event is redelivered); after it, the redeliveries are in our log already and
 change nothing.
 
-A group that failed (another replica, or a scheduler round, appended to one of its streams; a
-bad event; a Postgres error) goes through the one-event path (``consumers.record_event``),
+A group that failed (another replica appended to one of its streams; a bad event; a Postgres
+error) goes through the one-event path (``consumers.record_event``),
 each event alone: one bad event only fails itself, and the bus naks it.
 
 Each event keeps its trace: its append stores the trace context of its own handler call, and
