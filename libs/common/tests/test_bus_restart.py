@@ -8,6 +8,7 @@ from orbion_common.events import MessageReceived
 from orbion_common.events.messaging import MessageReceivedPayload
 from orbion_common.infra import LocalInfra
 from orbion_common.settings import CommonSettings
+from tests.reliability.harness import eventually
 
 
 def inbound(n: int) -> MessageReceived:
@@ -46,18 +47,12 @@ async def test_a_consumer_keeps_receiving_after_the_nats_server_restarts(local_i
     try:
         bus.consume(ConsumerSpec(durable=f"r{unique}", event_types=("MessageReceived",)), handler)
         await bus.publish(inbound(1))
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: bool(received), within=5)
         assert received == ["message 1"]
 
         await local_infra.arestart_server("nats")
         await publish_until_acked(bus, inbound(2))
-        for _ in range(300):
-            if len(received) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(received) == 2, within=15)
         assert received == ["message 1", "message 2"]
     finally:
         await bus.js.delete_stream(settings.stream_name)
@@ -82,19 +77,13 @@ async def test_after_a_nats_restart_a_consumer_asks_again_at_once(infra_data_dir
     try:
         bus.consume(ConsumerSpec(durable=f"a{unique}", event_types=("MessageReceived",)), handler)
         await bus.publish(inbound(1))
-        for _ in range(100):
-            if handled:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: bool(handled), within=5)
         assert len(handled) == 1
 
         await local_infra.arestart_server("nats", kill=True)
         await publish_until_acked(bus, inbound(2))
         published_at = asyncio.get_running_loop().time()
-        for _ in range(200):
-            if len(handled) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(handled) == 2, within=10)
         assert len(handled) == 2
         assert handled[1] - published_at < 1.5
     finally:
