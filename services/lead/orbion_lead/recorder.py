@@ -2,10 +2,11 @@
 
 ``record`` = claim the input (if any) + lock and load the lead + decide (``domain``) + append
 the events after the lead's version + update the projection and the verification timer, all
-in one transaction; after the commit: write the lead through to the cache and hand the new
-events to the relay (which publishes them: handlers never publish). A crash before the
-commit leaves nothing; a crash after it is a redelivery that the claim absorbs. ``record``
-returns only after the commit, so the bus acks only then.
+in one transaction; after the commit: write the lead through to the cache, then hand the new
+events to the relay (which publishes them: handlers never publish), so that whoever gets one
+and reads the lead finds it. A crash before the commit leaves nothing; a crash after it is a
+redelivery that the claim absorbs. ``record`` returns only after the commit, so the bus acks
+only then.
 
 Group commit: the bus hands over up to a batch of events at once, different contacts
 concurrently. Concurrent ``record`` calls are gathered (one per contact at a time, in
@@ -34,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,6 +90,15 @@ class Recorded:
 
 
 @dataclass(eq=False)
+class _HandOver:
+    """A commit's new events, for the relay once their leads are in the cache."""
+
+    events: list[Envelope]
+    traces: list[str | None]
+    cached: bool = False
+
+
+@dataclass(eq=False)
 class _Work:
     phone: str
     decide: Decide
@@ -137,6 +147,7 @@ class LeadRecorder:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._writes: set[asyncio.Task[None]] = set()
+        self._hand_overs: deque[_HandOver] = deque()  # committed, not handed over yet, in commit order
         # Leads parsed lately, by phone: reused when the locked row is still at their version
         # (checked in the transaction), which saves shipping and parsing the state each time.
         self._parsed: OrderedDict[str, Lead] = OrderedDict()
@@ -206,7 +217,7 @@ class LeadRecorder:
     async def _run(self, batch: list[_Work]) -> None:
         BATCH_SIZE.observe(len(batch))
         try:
-            results = await self._transact(batch)
+            results, hand_over = await self._transact(batch)
         except Exception as exc:
             if len(batch) > 1 or isinstance(exc, ConcurrencyError):
                 if len(batch) > 1:
@@ -217,12 +228,12 @@ class LeadRecorder:
             elif not batch[0].done.done():
                 batch[0].done.set_exception(exc)
             return
-        self._resolve_after_cache(batch, results)
+        self._resolve_after_cache(batch, results, hand_over)
 
     async def _run_alone(self, work: _Work) -> None:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                results = await self._transact([work])
+                results, hand_over = await self._transact([work])
             except ConcurrencyError as exc:
                 if attempt < MAX_ATTEMPTS:
                     log.info("lead %s moved on while deciding; deciding again", mask_phone(work.phone))
@@ -231,24 +242,26 @@ class LeadRecorder:
             except Exception as exc:
                 error = exc
             else:
-                self._resolve_after_cache([work], results)
+                self._resolve_after_cache([work], results, hand_over)
                 return
             if not work.done.done():
                 work.done.set_exception(error)
             return
 
-    async def _transact(self, batch: list[_Work]) -> list[Recorded | None]:
+    async def _transact(self, batch: list[_Work]) -> tuple[list[Recorded | None], _HandOver]:
         token = otel_context.attach(batch[0].context)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 results = await self._apply(conn, batch)
         finally:
             otel_context.detach(token)
-        self._committed([r for r in results if r is not None])
-        return results
+        return results, self._committed([r for r in results if r is not None])
 
-    def _resolve_after_cache(self, batch: list[_Work], results: list[Recorded | None]) -> None:
-        """Write the new leads to the cache, then answer the callers; the flusher moves on meanwhile.
+    def _resolve_after_cache(
+        self, batch: list[_Work], results: list[Recorded | None], hand_over: _HandOver
+    ) -> None:
+        """Write the new leads to the cache, hand their events to the relay, then answer the
+        callers; the flusher moves on meanwhile.
 
         Callers (and so the bus's ack) still wait for their lead to be cached, so a read after
         ``record`` returns sees it; the versioned cache keeps out-of-order writes harmless.
@@ -256,7 +269,7 @@ class LeadRecorder:
 
         async def write_then_resolve() -> None:
             try:
-                await self._write_through([r for r in results if r is not None])
+                await self._cache_then_hand_over([r for r in results if r is not None], hand_over)
             finally:
                 for work, result in zip(batch, results, strict=True):
                     if not work.done.done():
@@ -318,18 +331,33 @@ class LeadRecorder:
         elif before.verification.pending and not v.pending:
             await self.store.clear_timer(conn, after.phone)
 
-    def _committed(self, results: Sequence[Recorded]) -> None:
+    def _committed(self, results: Sequence[Recorded]) -> _HandOver:
+        """Right after a commit: its leads may be trusted now, and its events queue for the relay."""
         changed = [r for r in results if r.events]
-        if not changed:
-            return
         for result in changed:
             self._remember(result.lead)  # committed: only now may a later transaction trust it
             for event in result.events:
                 LEAD_EVENTS.labels(event.type).inc()
-        if self.on_commit is not None:
-            self.on_commit(
-                [e for r in changed for e in r.events], [r.trace for r in changed for _ in r.events]
-            )
+        hand_over = _HandOver(
+            [e for r in changed for e in r.events], [r.trace for r in changed for _ in r.events]
+        )
+        self._hand_overs.append(hand_over)
+        return hand_over
+
+    async def _cache_then_hand_over(self, results: Sequence[Recorded], hand_over: _HandOver) -> None:
+        """The leads to the cache first, then their events to the relay: whoever gets an event
+        and reads the lead (the API reads the cache) finds the version the event came from, or
+        a newer one. The cache writes of successive commits overlap; the hand-overs keep the
+        commit order, a contact's stream order, each waiting for those committed before it. A
+        failed cache write still hands over: the relay's read would publish them anyway."""
+        try:
+            await self._write_through(results)
+        finally:
+            hand_over.cached = True
+            while self._hand_overs and self._hand_overs[0].cached:
+                ready = self._hand_overs.popleft()
+                if ready.events and self.on_commit is not None:
+                    self.on_commit(ready.events, ready.traces)
 
     async def _write_through(self, results: Sequence[Recorded]) -> None:
         cache = self.cache
@@ -372,8 +400,7 @@ class LeadRecorder:
                     # Whatever the lead says (passed meanwhile, already blocked), this timer is done.
                     await self.store.clear_timer(conn, phone)
         done = [r for r in results if r is not None]
-        self._committed(done)
-        await self._write_through(done)
+        await self._cache_then_hand_over(done, self._committed(done))
         TIMERS_FIRED.inc(sum(1 for r in done if r.events))
         return len(done)
 

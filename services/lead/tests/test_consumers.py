@@ -385,3 +385,43 @@ async def _commits_at_most_once_per_interval(service: Service, schema: str) -> N
     await recorder.close()
     tx_ids = await _stored(service, schema, phones, "tx_id")
     assert tx_ids[phones[1]] == tx_ids[phones[2]] != tx_ids[phones[0]]
+
+
+async def test_the_recorder_hands_events_to_its_relay_once_their_lead_is_cached_in_commit_order(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lead API reads the cache: whoever gets a published event (``LeadOptedOut``) and reads
+    the lead must find the version the event came from, not the one before (still opted in).
+    Two commits of one contact whose cache writes end in reverse order still reach the relay
+    in commit order, the contact's stream order."""
+    cache = service.recorder.cache
+    assert cache is not None
+    put_many = cache.put_many
+    delays = iter((0.3, 0.0))  # the first commit's write is the slow one
+    cached: list[int] = []  # lead versions, in the order their writes ended
+
+    async def slow_then_fast(items: Sequence[tuple[str, int, bytes]]) -> int:
+        await asyncio.sleep(next(delays, 0.0))
+        stored = await put_many(items)
+        cached.extend(version for _, version, _ in items)
+        return stored
+
+    monkeypatch.setattr(cache, "put_many", slow_then_fast)
+    handed: list[tuple[list[str], list[int]]] = []  # event types, lead versions cached by then
+    recorder = LeadRecorder(
+        service.pool,
+        service.store,
+        cache,
+        on_commit=lambda events, traces: handed.append(([e.type for e in events], list(cached))),
+        commit_interval=0,
+    )
+    phone = new_phone()
+    hello, stop = inbound(phone, "Oi"), inbound(phone, "Parar")
+    first, second = await asyncio.gather(
+        recorder.record(phone, lambda lead: domain.on_message_received(lead, hello)),
+        recorder.record(phone, lambda lead: domain.on_message_received(lead, stop)),
+    )
+    assert first is not None and second is not None and second.lead.opted_out
+    assert cached == [second.lead.version, first.lead.version]  # two transactions; writes reversed
+    assert [types for types, _ in handed] == [[e.type for e in first.events], [e.type for e in second.events]]
+    assert first.lead.version in handed[0][1] and second.lead.version in handed[1][1]
